@@ -1,0 +1,5 @@
+import sys
+
+from decipher_mr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The ``decipher-mr`` command line.
+
+Each subcommand lives in its own module under ``decipher_mr.cli`` and exposes ``add_arguments(parser)``
+and ``run(args) -> int``. Only the chosen subcommand's module is imported, so ``decipher-mr --help``
+is instant and never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line summary). Order is the order of the data flow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("demo_data", "build the offline demo corpus from real MRI (generated lesions and reports)"),
+    "prepare": ("prepare", "preprocess a manifest's series once into a fast, resumable cache"),
+    "pretrain-vision": ("pretrain_vision", "stage 1: DINOv2 + iBOT self-supervised pretraining of the 3D ViT"),
+    "pretrain-text": ("pretrain_text", "stage 1: masked-language-model pretraining of the text encoder on reports"),
+    "align": ("align", "stage 2: CLIP alignment of image and report in a shared 512-d space"),
+    "evaluate": ("evaluate", "evaluate retrieval, zero-shot classification and heads"),
+}
+
+EPILOG = """\
+a typical run on the demo corpus:
+  decipher-mr demo-data --out demo/data
+  decipher-mr prepare demo/data/manifest.jsonl --out demo/cache
+  decipher-mr pretrain-vision --config configs/demo-vision.json
+
+run `decipher-mr COMMAND --help` for the options and an example of each command.
+DecipherMR is a research tool, not a medical device: never use it for clinical decisions.
+"""
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {
+        name: spec
+        for name, spec in COMMANDS.items()
+        if importlib.util.find_spec(f"decipher_mr.cli.{spec[0]}") is not None
+    }
+
+
+def build_parser(commands: dict[str, tuple[str, str]], chosen: str | None = None) -> argparse.ArgumentParser:
+    from decipher_mr import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="decipher-mr",
+        description="DecipherMR: 3D MRI vision-language foundation model toolkit (research use only).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"decipher-mr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (module, summary) in commands.items():
+        if name == chosen:
+            mod = importlib.import_module(f"decipher_mr.cli.{module}")
+            p = sub.add_parser(
+                name,
+                help=summary,
+                description=(mod.__doc__ or summary).strip(),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+        else:
+            sub.add_parser(name, help=summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(commands, chosen if chosen in commands else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training stages: self-supervised vision pretraining, text MLM, image-report alignment, heads."""
