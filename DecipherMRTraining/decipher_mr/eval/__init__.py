@@ -1,0 +1,1 @@
+"""Evaluation: cross-modal retrieval, zero-shot classification by text prompts, and their reports."""
