@@ -78,6 +78,7 @@ def read_volume(
             raise VolumeReadError(f"{path}: image data is corrupt or truncated ({_first_line(exc)})") from exc
         if img.GetDimension() == 4:
             img = _pick_volume(img, path, volume_index)
+        _check_nifti_finite(path)
     try:
         vol = Volume.from_sitk(img, path=str(path))
     except ValueError as exc:
@@ -154,6 +155,26 @@ def _check_complete_file(path: Path) -> None:
         raise VolumeReadError(
             f"{path}: file is truncated ({available} of {expected} bytes of image data present); "
             "copy or export it again"
+        )
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN and Inf into 0, so float NIfTI voxels are checked on the
+    raw data (nibabel) rather than on what ITK returns."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if not np.issubdtype(img.header.get_data_dtype(), np.floating):
+        return
+    raw = np.asanyarray(img.dataobj)
+    finite = np.isfinite(raw)
+    if not finite.all():
+        n_nan = int(np.isnan(raw).sum())
+        raise VolumeReadError(
+            f"{path}: contains {n_nan} NaN and {int(finite.size - finite.sum()) - n_nan} infinite voxels; "
+            "fix or mask them before use"
         )
 
 
