@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from decipher_mr.assets import colin27_t1
 from decipher_mr.data.io import ReportReadError, VolumeReadError, list_dicom_series, read_report, read_volume
+from decipher_mr.data.io import write_dicom_series as io_write_dicom_series
 from decipher_mr.data.volume import Volume, write_volume
 
 
@@ -22,30 +23,7 @@ def small_colin(mm: float = 4.0) -> sitk.Image:
 
 
 def write_dicom_series(img: sitk.Image, folder: Path, series_uid: str, description: str) -> None:
-    """Write a 3D image as one DICOM file per slice with the tags a scanner would set."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = img.GetDirection()
-    tags = {
-        "0008|0060": "MR",
-        "0008|0016": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-        "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1",
-        "0020|000e": series_uid,
-        "0008|103e": description,
-        "0010|0010": "Colin27^Test",
-        "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-        "0018|0050": str(img.GetSpacing()[2]),
-    }
-    for k in range(img.GetSize()[2]):
-        sl = img[:, :, k]
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0020|0032", "\\".join(str(v) for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        writer.SetFileName(str(folder / f"{description}_{k:03d}.dcm"))
-        writer.Execute(sl)
+    io_write_dicom_series(Volume.from_sitk(img), folder, series_uid, description)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import atomic_path
 from .volume import Volume
 
 # 512^3 float32 is 512 MiB: bigger than any MRI series we expect, small enough not to exhaust memory.
@@ -122,6 +123,43 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
         out.append({"uid": uid, "description": _series_description(files[0]) if files else "", "files": len(files)})
     return out
+
+
+def write_dicom_series(
+    volume: Volume, folder: str | os.PathLike, series_uid: str, description: str = "", modality: str = "MR"
+) -> Path:
+    """Write a volume as a DICOM series (one int16 file per k-slice) with the geometry tags a scanner sets.
+
+    >>> write_dicom_series(vol, "export/T1", series_uid="1.2.826.0.1.3680043.2.1125.7", description="T1")
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.Cast(volume.to_sitk(), sitk.sitkInt16)
+    d = img.GetDirection()
+    tags = {
+        "0008|0060": modality,
+        "0008|0016": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+        "0020|000d": series_uid + ".0",
+        "0020|000e": series_uid,
+        "0008|103e": description,
+        "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+        "0018|0050": f"{img.GetSpacing()[2]:.6f}",
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetSize()[2]):
+        sl = img[:, :, k]
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
+        with atomic_path(folder / f"{description or 'slice'}_{k + 1:04d}.dcm", suffix=".dcm") as tmp:
+            writer.SetFileName(str(tmp))
+            writer.Execute(sl)
+    return folder
 
 
 # --- internals ------------------------------------------------------------------------------

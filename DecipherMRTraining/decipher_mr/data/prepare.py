@@ -92,6 +92,7 @@ def prepare_manifest(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _claim_cache(out, config)
+    _remove_stale_temporaries(out)
     index = _load_index(out)
     try:
         rows, errors = read_manifest(manifest, strict=False)
@@ -261,6 +262,14 @@ def _run_pool(todo: list[dict[str, Any]], workers: int, finish) -> None:
             for fut in futures:
                 fut.cancel()
             raise
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    # A killed run can leave the hidden temporary files of atomic writes (".<name>.<random>.npy").
+    items = out / "items"
+    if items.is_dir():
+        for tmp in items.glob(".*.npy"):
+            tmp.unlink(missing_ok=True)
 
 
 def _file_stamps(path: Path) -> list[str]:
