@@ -142,3 +142,143 @@ class ImageTextModel(nn.Module):
         for tower in (self.vision, self.text):
             if tower_is_frozen(tower):
                 tower.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# building from a run config, export and loading
+
+MODEL_FORMAT = 1
+
+
+class AlignedModelError(RuntimeError):
+    """An aligned-model folder that cannot be used; the message names the file and the reason."""
+
+
+def build_vision_from_spec(spec: str | dict) -> nn.Module:
+    """The image tower: ``{"preset": "vit-micro", ...overrides}`` (random init, for tests and demos),
+    ``{"config": {...}}`` or ``{"export": "runs/vision/encoder"}`` (the stage-1 export).
+
+    >>> build_vision_from_spec({"preset": "vit-micro"})
+    """
+    from decipher_mr.models import vit3d
+
+    if isinstance(spec, str):
+        spec = {"preset": spec} if spec in vit3d.PRESETS else {"export": spec}
+    spec = dict(spec)
+    if spec.get("export"):
+        loader = getattr(vit3d, "load_vision_encoder", None)
+        if loader is None:
+            try:
+                from decipher_mr.models import load_vision_encoder as loader  # type: ignore[no-redef]
+            except ImportError as exc:
+                raise AlignedModelError(
+                    f"{spec['export']}: this installation has no stage-1 export loader (load_vision_encoder)"
+                ) from exc
+        return loader(spec["export"])
+    if "config" in spec:
+        return vit3d.build_vision_encoder(spec["config"])
+    if "preset" in spec:
+        return vit3d.build_vision_encoder(spec)
+    raise ValueError(f"vision spec {spec!r} needs 'preset', 'config' or 'export'")
+
+
+def model_record(model: ImageTextModel) -> dict[str, Any]:
+    """The JSON description that rebuilds ``model``'s shapes (stored with exports and checkpoints)."""
+    cfg = getattr(model.vision, "config", None)
+    return {
+        "format": MODEL_FORMAT,
+        "embed_dim": model.embed_dim,
+        "vision": cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {},
+        "text": {
+            "pooling": model.text.pooling,
+            "max_length": model.text.max_length,
+            "hidden_size": model.text.hidden_size,
+            "source": model.text.source,
+            "config": model.text.backbone.config.to_dict(),
+        },
+        "image_pooling": "cls+mean_patch",
+        "logit_scale_max": MAX_LOGIT_SCALE,
+    }
+
+
+def save_image_text_model(model: ImageTextModel, folder: str | Any, extra: dict[str, Any] | None = None) -> None:
+    """Export ``folder/{config.json, clip.safetensors, text_encoder/}`` atomically (temp dir + rename).
+
+    ``clip.safetensors`` holds the vision tower, projections and temperature; the text backbone
+    and its tokenizer are a Hugging Face folder so other tools can read them.
+
+    >>> save_image_text_model(model, "runs/align/model")
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    dest = Path(folder)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+                 if not k.startswith("text.backbone.")}
+        save_file(state, str(tmp / "clip.safetensors"))
+        model.text.save_pretrained(tmp / "text_encoder")
+        record = {**model_record(model), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(record, indent=2))
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_image_text_model(path: str | Any) -> ImageTextModel:
+    """Load an exported aligned model: a run folder (uses ``RUN/model``) or the model folder itself.
+
+    >>> model = load_image_text_model("runs/align")
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from decipher_mr.models.text import TextTower, load_text_backbone
+
+    folder = Path(path)
+    if (folder / "model" / "config.json").exists():
+        folder = folder / "model"
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise AlignedModelError(f"{folder}: not an aligned model (no config.json); run `decipher-mr align` first")
+    try:
+        record = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AlignedModelError(f"{cfg_path}: damaged ({exc})") from exc
+    if record.get("format", 0) > MODEL_FORMAT:
+        raise AlignedModelError(f"{cfg_path}: model format {record['format']} is newer than this version reads")
+    from decipher_mr.models.vit3d import build_vision_encoder
+
+    vision = build_vision_encoder(record["vision"])
+    backbone, tokenizer, _ = load_text_backbone(folder / "text_encoder")
+    text = TextTower(backbone, tokenizer, pooling=record["text"]["pooling"], max_length=record["text"]["max_length"],
+                     source=record["text"].get("source"))
+    model = ImageTextModel(vision, text, embed_dim=int(record["embed_dim"]))
+    weights_path = folder / "clip.safetensors"
+    if not weights_path.exists():
+        raise AlignedModelError(f"{weights_path}: missing")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:
+        raise AlignedModelError(f"{weights_path}: cannot be read ({exc})") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("text.backbone.")]
+    if missing or unexpected:
+        raise AlignedModelError(f"{weights_path}: does not fit the model in config.json "
+                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    model.eval()
+    return model

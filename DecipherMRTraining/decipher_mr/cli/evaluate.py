@@ -1,0 +1,67 @@
+"""Evaluate an aligned model: cross-modal retrieval and zero-shot classification by text prompts.
+
+`retrieval` embeds every image and report of a held-out split and reports image→report and
+report→image recall@1/5/10 and median rank (with the chance level of the split), body-region
+retrieval top-3, and zero-shot body region / sequence / lesion classification from prompts such
+as "MRI of the knee", "T2-weighted MRI", "lesion in the left frontal lobe" vs "normal study".
+Writes retrieval.json and retrieval.md (numbers only, never report text).
+
+example:
+  decipher-mr evaluate retrieval --checkpoint runs/align --cache demo/cache --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    r = sub.add_parser("retrieval", help="retrieval, region top-3 and zero-shot metrics of an aligned model")
+    r.add_argument("--checkpoint", required=True, help="align run folder (or its model/ folder)")
+    r.add_argument("--cache", required=True, help="prepared cache folder")
+    r.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    r.add_argument("--out", help="folder for retrieval.json/.md (default: RUN/eval-SPLIT)")
+    r.add_argument("--image-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="image view size (default: the one the model was aligned with)")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "retrieval":
+        return _retrieval(args)
+    print(f"evaluate: unknown evaluation {args.what!r}", file=sys.stderr)
+    return 2
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from decipher_mr.data.cache import CacheError, PreparedCache
+    from decipher_mr.eval.report import DEFAULT_IMAGE, evaluate_retrieval, write_retrieval_report
+    from decipher_mr.models.clip import AlignedModelError, load_image_text_model
+    from decipher_mr.models.text import TextTowerError
+
+    try:
+        model = load_image_text_model(args.checkpoint)
+        cache = PreparedCache(args.cache)
+        run_dir = Path(args.checkpoint)
+        model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+        record = json.loads((model_dir / "config.json").read_text())
+        image_cfg = dict(record.get("training", {}).get("image", DEFAULT_IMAGE))
+        image_cfg.pop("augment", None)
+        if args.image_size:
+            image_cfg["size"] = list(args.image_size)
+        result = evaluate_retrieval(model, cache, args.split, image_cfg, progress=not args.no_progress)
+    except (AlignedModelError, TextTowerError, CacheError, ValueError, FileNotFoundError) as exc:
+        print(f"evaluate retrieval: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir) / f"eval-{args.split}"
+    json_path, md_path = write_retrieval_report(result, out)
+    r = result["retrieval"]
+    print(f"{result['n']} pairs in split {args.split!r}: image→report R@1 {r['image_to_report']['R@1']:.3f} "
+          f"R@10 {r['image_to_report']['R@10']:.3f} (chance {r['chance']['R@10']:.3f}); "
+          f"report→image R@10 {r['report_to_image']['R@10']:.3f}")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
