@@ -248,7 +248,8 @@ def _label_dtype(labels: np.ndarray) -> np.dtype:
 def _run_pool(todo: list[dict[str, Any]], workers: int, finish) -> None:
     # "spawn" so that workers start clean (no forked torch / thread state) on every platform.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(prepare_item, task): task for task in todo}
         try:
             for fut in as_completed(futures):
@@ -270,6 +271,13 @@ def _remove_stale_temporaries(out: Path) -> None:
     if items.is_dir():
         for tmp in items.glob(".*.npy"):
             tmp.unlink(missing_ok=True)
+
+
+def _init_worker(threads: int) -> None:
+    # ITK threads over all cores in every process; N workers each doing that would oversubscribe.
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _file_stamps(path: Path) -> list[str]:
