@@ -7,7 +7,11 @@ Layout of a cache folder (format version 1)::
       index.jsonl           one JSON object per prepared series (see ``CacheItem``)
       items/<id>.npy        float32 array [i, j, k] in the canonical orientation, normalised
       items/<id>.mask.npy   optional uint8/int16 label array on the same grid
+      items/<id>.regions.npy  optional anatomical label map (e.g. AAL), index extra key ``regions``
       failures.json         the items that failed in the last run, with the reason
+
+Each index row's extra key ``geometry`` is the ``GeometryRecord`` (decipher_mr.data.preprocess) that
+maps the prepared grid back to the source series (``restore``).
 
 Arrays are plain ``.npy`` files opened with ``mmap_mode="r"``: loading costs a page-in, not a decode.
 """

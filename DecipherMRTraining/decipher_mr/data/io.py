@@ -232,7 +232,8 @@ def _check_header(path: Path, size: tuple[int, ...], components: int, max_voxels
     if components != 1:
         raise VolumeReadError(f"{path}: has {components} values per voxel (colour or vector image); expected a scalar MRI")
     if len(size) == 2 or (len(size) == 3 and min(size) == 1):
-        raise VolumeReadError(f"{path}: is a 2D image ({dims}); expected a 3D volume")
+        hint = "; give the folder of the whole DICOM series instead" if path.suffix.lower() == ".dcm" else ""
+        raise VolumeReadError(f"{path}: is a 2D image ({dims}); expected a 3D volume{hint}")
     if len(size) == 4 and size[3] > 1 and volume_index is None:
         raise VolumeReadError(
             f"{path}: is 4D ({dims}: {size[3]} volumes); choose one volume "

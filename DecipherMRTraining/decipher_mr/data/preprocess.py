@@ -228,7 +228,7 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
         grid_spacing = [float(s) for s in native]
 
     arr = np.asarray(arr, dtype=np.float32)
-    arr, intensity, lo, hi = _normalise(arr, config)
+    arr, intensity = _normalise(arr, config)
 
     start, stop = [0, 0, 0], list(grid_shape)
     if config.crop_foreground:
@@ -372,7 +372,7 @@ def _resample(volume: Volume, shape, spacing, origin, direction, interpolation: 
     return np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
 
 
-def _normalise(arr: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any], float, float]:
+def _normalise(arr: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
     lo, hi = (float(v) for v in np.percentile(arr, config.clip_percentiles))
     if hi <= lo:  # a mostly-empty image: fall back to the full range rather than dividing by zero
         lo, hi = float(arr.min()), float(arr.max())
@@ -386,7 +386,7 @@ def _normalise(arr: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, d
         mean, std = float(fg.mean()), float(fg.std())
         arr = (arr - mean) / max(std, 1e-12)
         info.update(mean=mean, std=std)
-    return arr.astype(np.float32, copy=False), info, lo, hi
+    return arr.astype(np.float32, copy=False), info
 
 
 def _foreground_box(arr: np.ndarray, intensity: dict[str, Any], config: PreprocessConfig, spacing: list[float]):
