@@ -230,3 +230,20 @@ def test_a_killed_run_leaves_a_readable_cache_that_the_next_run_completes(tmp_pa
     assert len(PreparedCache(out)) == len(rows)
     after = mtimes(out)
     assert all(after[name] == t for name, t in before.items() if name.endswith(".npy") and not name.startswith("."))
+
+
+def test_cli_spacing_accepts_anisotropic_values(tmp_path, good_rows):
+    write_manifest(good_rows[:1], tmp_path / "m.jsonl")
+    code = cli_main(["prepare", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "cache"), "--spacing", "4,4,8", "--no-progress"])
+    assert code == 0
+    cache = PreparedCache(tmp_path / "cache")
+    assert cache.meta["preprocess"]["target_spacing"] == [4.0, 4.0, 8.0]
+    assert cache.items[0].spacing == (4.0, 4.0, 8.0)
+
+
+def test_report_text_never_reaches_the_console(tmp_path, good_rows, bad_rows, capsys):
+    write_manifest([good_rows[0], good_rows[1], bad_rows["not valid UTF-8"]], tmp_path / "m.jsonl")
+    cli_main(["prepare", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "cache"), "--spacing", "5"])
+    printed = capsys.readouterr()
+    for secret in ("FINDINGS", "skull-stripped T1", "Läsion", "L\\xe4sion"):
+        assert secret not in printed.out + printed.err
