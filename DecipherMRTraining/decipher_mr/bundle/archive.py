@@ -8,7 +8,7 @@ its files are still checked against the manifest on every load (see :mod:`deciph
 
 Refused, naming the zip and the entry: absolute paths, drive letters, backslashes, ``..``
 components, symlinks and other special files, duplicate names, encrypted entries, and entries that
-decompress to more bytes than they declare (zip bombs).
+decompress to more bytes than they declare (zip bombs), and zips that would not fit on the disk.
 """
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ def extract_bundle_zip(zip_path: str | os.PathLike, cache_root: str | os.PathLik
             if dest.is_dir():
                 return dest
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            declared = sum(info.file_size for info, _ in members)
+            free = shutil.disk_usage(root).free
+            if declared > free:
+                raise BundleError(f"{zip_path}: unpacks to {declared} bytes but {root} has only {free} free")
             tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", dir=root))
             try:
                 for info, rel in members:

@@ -4,9 +4,10 @@ The bundle is assembled in a temporary folder next to the destination. A folder 
 renamed into place; a zip is written to a temporary file and renamed onto ``model.zip``. An
 interrupted export therefore leaves the old bundle (or nothing), never half of a new one.
 
-Zips are reproducible: entries are sorted and carry a fixed timestamp, so the same model exports to
-the same bytes (and the same cache folder when it is loaded). Weights are stored uncompressed
-(float noise does not deflate and stored entries read faster); text files are deflated.
+Zip entries are sorted and carry a fixed timestamp, so the same files always zip to the same bytes
+(and the same cache folder when loaded); only ``config.json``'s ``created`` time differs between
+exports. Weights are stored uncompressed (float noise does not deflate and stored entries read
+faster); text files are deflated.
 """
 
 from __future__ import annotations
