@@ -85,7 +85,7 @@ def fit_volume(array: np.ndarray, size: Sequence[int], mode: str = "crop", rng: 
     """
     size = tuple(int(s) for s in size)
     if mode == "resize":
-        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+        t = torch.from_numpy(np.array(array, dtype=np.float32))[None, None]  # a copy: cache arrays are read-only maps
         return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
     if mode != "crop":
         raise ValueError(f"image mode must be 'crop' or 'resize', not {mode!r}")
@@ -332,7 +332,7 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
                 barrier()
     finally:
         monitor.close()
-    summary = {"iterations": iterations, "final_loss": last_loss, "temperature": float(1 / model.scale().detach()),
+    summary = {"iterations": iterations, "start_iteration": start, "final_loss": last_loss, "temperature": float(1 / model.scale().detach()),
                "train_pairs": len(train_idx)}
     if ctx.is_main:
         save_image_text_model(model, out / "model", extra={"training": {"image": cfg["image"], "summary": summary}})

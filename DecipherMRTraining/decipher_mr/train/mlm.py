@@ -235,7 +235,7 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
     finally:
         monitor.close()
     ppl_after = perplexity(model, val_ids, tokenizer, prob, ctx.device)
-    metrics.update({"perplexity_after": ppl_after, "iterations": iterations,
+    metrics.update({"perplexity_after": ppl_after, "iterations": iterations, "start_iteration": start,
                     "train_reports": len(train_ids), "val_reports": len(val_ids)})
     _say(ctx, f"pretrain-text: held-out perplexity after: {ppl_after:.2f} (before {ppl_before:.2f})")
     if ctx.is_main:
