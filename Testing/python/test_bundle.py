@@ -233,6 +233,64 @@ def test_export_and_verify_commands_from_training_outputs(tmp_path, model, head,
     assert summary["embed_dim"] == 512 and summary["heads"]["region"]["classes"] == 3
 
 
+@pytest.fixture(scope="module")
+def colin_cache(tmp_path_factory) -> Path:
+    """A real prepared cache: Colin27 and its skull-stripped copy at 6 mm, one with a report."""
+    from decipher_mr.assets import colin27_t1
+    from decipher_mr.data.prepare import prepare_manifest
+    from decipher_mr.data.preprocess import PreprocessConfig
+
+    root = tmp_path_factory.mktemp("colin_cache")
+    rows = [
+        {"image": str(colin27_t1("ch2")), "id": "colin", "body_region": "brain", "split": "train",
+         "report_text": "FINDINGS: Normal. IMPRESSION: Normal brain."},
+        {"image": str(colin27_t1("ch2bet")), "id": "colin-bet", "body_region": "brain", "split": "val"},
+    ]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = prepare_manifest(root / "manifest.jsonl", root / "cache",
+                               config=PreprocessConfig(target_spacing=(6.0, 6.0, 6.0)), progress=False)
+    assert not summary.failed
+    return root / "cache"
+
+
+def test_export_reads_the_preprocessing_recorded_by_the_alignment_run(tmp_path, model, colin_cache):
+    from decipher_mr.cli import main
+    from decipher_mr.models.clip import save_image_text_model
+    from decipher_mr.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "align"
+    save_image_text_model(model, run / "model")
+    save_checkpoint(run / "checkpoints", 5, {"model": model}, trainer_state={"config": {"cache": str(colin_cache)}})
+    out = tmp_path / "model.zip"
+    assert main(["export", "--out", str(out), "--align", str(run)]) == 0
+    bundle = load_bundle(out)
+    assert bundle.preprocess.target_spacing == (6.0, 6.0, 6.0)
+    card = (bundle.folder / "MODEL_CARD.md").read_text()
+    assert "2 prepared series (brain 2; splits train 1, val 1), 1 with a report" in card
+    assert "Normal brain" not in card  # report text is patient data
+
+
+def test_export_config_file_and_flags(tmp_path, model, head, colin_cache, capsys):
+    from decipher_mr.cli import main
+    from decipher_mr.heads import save_head
+    from decipher_mr.models.clip import save_image_text_model
+
+    save_image_text_model(model, tmp_path / "align" / "model")
+    save_head(head, tmp_path / "region")
+    spec = {"out": str(tmp_path / "from-config"), "align": str(tmp_path / "align"),
+            "heads": {"region": str(tmp_path / "region")}, "preprocess": str(colin_cache), "name": "cfg-test"}
+    (tmp_path / "export.json").write_text(json.dumps(spec))
+    assert main(["export", "--config", str(tmp_path / "export.json")]) == 0
+    bundle = load_bundle(tmp_path / "from-config")
+    assert bundle.config["name"] == "cfg-test" and bundle.available_heads == ["region"]
+    # an encoder other than the aligned one would not match the projections: refused
+    capsys.readouterr()
+    assert main(["export", "--config", str(tmp_path / "export.json"), "--vision", "vit-micro",
+                 "--out", str(tmp_path / "mixed.zip")]) == 1
+    assert "differs from the encoder inside the aligned model" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.zip").exists()
+
+
 def test_export_command_without_preprocessing_says_what_to_pass(tmp_path, model, capsys):
     from decipher_mr.cli import main
     from decipher_mr.models.clip import save_image_text_model

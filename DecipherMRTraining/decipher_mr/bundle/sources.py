@@ -69,8 +69,8 @@ def _recorded_caches(run: Path) -> Iterable[str]:
                             yield holder["cache"]
 
 
-def find_preprocess(runs: Iterable[str | Path | None]) -> dict[str, Any]:
-    """Preprocessing recorded by the first run that names its cache; refuse if none does."""
+def find_training_cache(runs: Iterable[str | Path | None]) -> Path:
+    """The prepared cache recorded by the first run that names a readable one; refuse if none does."""
     tried = []
     for run in runs:
         if run is None:
@@ -79,11 +79,45 @@ def find_preprocess(runs: Iterable[str | Path | None]) -> dict[str, Any]:
         tried.append(str(run))
         for cache in _recorded_caches(run):
             if (Path(cache) / "cache.json").is_file():
-                return read_preprocess(cache)
+                return Path(cache)
     raise BundleError(
         "cannot tell which preprocessing the model was trained with "
         f"(no readable cache recorded in {', '.join(tried) or 'the given runs'}); pass --preprocess CACHE"
     )
+
+
+def find_preprocess(runs: Iterable[str | Path | None]) -> dict[str, Any]:
+    """Preprocessing recorded by the first run that names its cache; refuse if none does.
+
+    >>> find_preprocess(["runs/align"])["target_spacing"]
+    """
+    return read_preprocess(find_training_cache(runs))
+
+
+def describe_cache(cache: str | Path) -> str | None:
+    """One line for the model card about the data in a prepared cache (counts only, never report text).
+
+    >>> describe_cache("demo/cache")
+    '48 prepared series (brain 24, knee 8, ...), 48 with a report; 48 generated ...'
+    """
+    from collections import Counter
+
+    from decipher_mr.data.cache import PreparedCache
+
+    try:
+        items = PreparedCache(cache).items
+    except Exception:  # a cache that moved or changed since training: the card just says less
+        return None
+    regions = Counter(i.body_region or "unknown" for i in items)
+    splits = Counter(i.split or "unsplit" for i in items)
+    generated = sum(1 for i in items if i.extra.get("generated"))
+    line = (f"{len(items)} prepared series ({', '.join(f'{k} {v}' for k, v in sorted(regions.items()))}; "
+            f"splits {', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}), "
+            f"{sum(1 for i in items if i.report)} with a report")
+    if generated:
+        line += (f"; {generated} of them generated (the offline demo corpus: real template anatomy with "
+                 "augmentation, synthetic lesions and generated reports, not clinical data)")
+    return line
 
 
 def load_vision(spec: str | Path) -> nn.Module:

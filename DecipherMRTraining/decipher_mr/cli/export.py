@@ -66,7 +66,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from decipher_mr.bundle import BundleError, HeadExport, write_bundle
     from decipher_mr.bundle.sources import (
-        find_preprocess, load_aligned, load_head_run, load_vision, read_preprocess, same_weights,
+        describe_cache, find_training_cache, load_aligned, load_head_run, load_vision, read_preprocess, same_weights,
     )
 
     try:
@@ -93,8 +93,15 @@ def run(args: argparse.Namespace) -> int:
             heads.append(HeadExport.from_head(hname, head, metrics))
         if cfg.get("preprocess"):
             preprocess = read_preprocess(cfg["preprocess"])
+            cache = Path(cfg["preprocess"])
+            cache = cache if cache.is_dir() else cache.parent
         else:
-            preprocess = find_preprocess([cfg.get("align"), cfg.get("vision"), *cfg["heads"].values()])
+            cache = find_training_cache([cfg.get("align"), cfg.get("vision"), *cfg["heads"].values()])
+            print(f"export: preprocessing from the training cache {cache}", file=sys.stderr)
+            preprocess = read_preprocess(cache)
+        data = describe_cache(cache)
+        if data:
+            training["data"] = data
         name = cfg.get("name") or out.stem
         write_bundle(out, preprocess=preprocess, model=model, vision=vision, heads=heads, name=name,
                      training=training, progress=True)
