@@ -291,6 +291,34 @@ def test_export_config_file_and_flags(tmp_path, model, head, colin_cache, capsys
     assert not (tmp_path / "mixed.zip").exists()
 
 
+def test_export_checks_a_head_against_the_encoder_it_was_trained_with(tmp_path, model, head, colin_cache, capsys):
+    from safetensors.torch import save_file
+
+    from decipher_mr.cli import main
+    from decipher_mr.heads import save_head
+    from decipher_mr.models.clip import save_image_text_model
+    from decipher_mr.models.vit3d import vision_config
+
+    save_image_text_model(model, tmp_path / "align" / "model")
+    base = ["export", "--align", str(tmp_path / "align"), "--preprocess", str(colin_cache)]
+    # trained on another architecture
+    save_head(head, tmp_path / "other" / "head", extra={"encoder": {"config": vision_config("vit-tiny").to_dict()}})
+    assert main([*base, "--out", str(tmp_path / "a.zip"), "--head", f"region={tmp_path / 'other'}"]) == 1
+    assert "another encoder architecture" in capsys.readouterr().err
+    # trained with a fine-tuned encoder (unfreeze_last): only the very same weights are accepted
+    record = {"encoder": {"config": model.vision.config.to_dict(), "weights": "encoder.safetensors"}}
+    save_head(head, tmp_path / "tuned" / "head", extra=record)
+    tuned = {k: v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
+    tuned["norm.weight"] += 0.01
+    save_file(tuned, str(tmp_path / "tuned" / "encoder.safetensors"))
+    assert main([*base, "--out", str(tmp_path / "b.zip"), "--head", f"region={tmp_path / 'tuned'}"]) == 1
+    assert "fine-tuned encoder that differs" in capsys.readouterr().err
+    save_file({k: v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()},
+              str(tmp_path / "tuned" / "encoder.safetensors"))
+    assert main([*base, "--out", str(tmp_path / "c.zip"), "--head", f"region={tmp_path / 'tuned'}"]) == 0
+    assert not (tmp_path / "a.zip").exists() and not (tmp_path / "b.zip").exists()
+
+
 def test_export_command_without_preprocessing_says_what_to_pass(tmp_path, model, capsys):
     from decipher_mr.cli import main
     from decipher_mr.models.clip import save_image_text_model

@@ -53,7 +53,7 @@ def _recorded_caches(run: Path) -> Iterable[str]:
     """Cache folders named in a run's recorded configs (newest checkpoint first)."""
     from decipher_mr.train.checkpoint import latest_checkpoint
 
-    for root in (run, run.parent):
+    for root in (run, run / "head", run.parent):
         ckpt = latest_checkpoint(root / "checkpoints")
         if ckpt is not None and (ckpt / "trainer_state.json").is_file():
             state = _json(ckpt / "trainer_state.json")
@@ -146,25 +146,64 @@ def load_aligned(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, record if isinstance(record, dict) else {}
 
 
-def load_head_run(spec: str) -> tuple[str, nn.Module, dict[str, Any]]:
-    """``NAME=FOLDER`` -> ``(name, head, metrics)`` from a head saved by :func:`decipher_mr.heads.save_head`."""
+def load_head_run(spec: str) -> tuple[str, nn.Module, dict[str, Any], dict[str, Any], Path]:
+    """``NAME=RUN`` -> ``(name, head, metrics, head.json record, head folder)`` for a head saved by
+    :func:`decipher_mr.heads.save_head` (``RUN`` or ``RUN/head``).
+
+    >>> name, head, metrics, record, folder = load_head_run("tissue=runs/heads/tissue")
+    """
     from decipher_mr.heads import HeadError, load_head
 
     if "=" not in spec:
         raise BundleError(f"--head {spec!r}: expected NAME=RUN (e.g. tissue=runs/heads/tissue)")
     name, path = spec.split("=", 1)
+    folder = Path(path) / "head" if (Path(path) / "head" / "head.json").is_file() else Path(path)
     try:
-        head, record = load_head(path)
-    except (HeadError, OSError, ValueError) as exc:
+        head, record = load_head(folder)
+    except (HeadError, OSError, ValueError, KeyError) as exc:
         raise BundleError(f"--head {name}: {exc}") from exc
     metrics = record.get("metrics")
     if not isinstance(metrics, dict):
         metrics = {}
-        for cand in (Path(path) / "metrics.json", Path(path).parent / "metrics.json"):
+        # train-head writes the last validation into RUN/history.json ("final")
+        for cand in (folder / "metrics.json", folder.parent / "metrics.json", folder.parent / "history.json"):
             if cand.is_file() and isinstance(obj := _json(cand), dict):
-                metrics = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
+                obj = obj.get("final", obj) if cand.name == "history.json" else obj
+                if isinstance(obj, dict):
+                    metrics = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
                 break
-    return name, head, metrics
+    return name, head, metrics, record, folder
+
+
+def check_head_encoder(name: str, record: dict[str, Any], folder: Path, vision: nn.Module) -> None:
+    """Refuse a head whose recorded encoder is not the bundle's: another architecture, or an encoder
+    fine-tuned with the head (``unfreeze_last``) whose weights differ from the bundle's."""
+    from safetensors.torch import load_file
+
+    from decipher_mr.models.vit3d import VisionEncoderConfig
+
+    enc = record.get("encoder")
+    if not isinstance(enc, dict):
+        return
+    if isinstance(enc.get("config"), dict):
+        try:
+            theirs = VisionEncoderConfig.from_dict(enc["config"]).architecture()
+        except (TypeError, ValueError):
+            theirs = None
+        ours = vision.config.architecture()
+        if theirs is not None and theirs != ours:
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise BundleError(f"{folder / 'head.json'}: head {name!r} was trained on another encoder "
+                              f"architecture (differs in {', '.join(diff)}); export the encoder it was trained on")
+    if enc.get("weights"):
+        tuned = folder.parent / enc["weights"]
+        if not tuned.is_file():
+            raise BundleError(f"{tuned}: head {name!r} was trained with this fine-tuned encoder, which is missing")
+        state = load_file(str(tuned))
+        mine = vision.state_dict()
+        if state.keys() != mine.keys() or any(not torch.equal(state[k], mine[k]) for k in state):
+            raise BundleError(f"{tuned}: head {name!r} was trained with a fine-tuned encoder that differs from the "
+                              "bundle's; bundle that encoder (--vision) or a head trained on the frozen encoder")
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:

@@ -66,7 +66,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from decipher_mr.bundle import BundleError, HeadExport, write_bundle
     from decipher_mr.bundle.sources import (
-        describe_cache, find_training_cache, load_aligned, load_head_run, load_vision, read_preprocess, same_weights,
+        check_head_encoder, describe_cache, find_training_cache, load_aligned, load_head_run, load_vision, read_preprocess, same_weights,
     )
 
     try:
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         heads = []
         for name, run_dir in sorted(cfg["heads"].items()):
             print(f"export: loading head {name} from {run_dir}", file=sys.stderr)
-            hname, head, metrics = load_head_run(f"{name}={run_dir}")
+            hname, head, metrics, record, folder = load_head_run(f"{name}={run_dir}")
+            check_head_encoder(hname, record, folder, model.vision if model is not None else vision)
             heads.append(HeadExport.from_head(hname, head, metrics))
         if cfg.get("preprocess"):
             preprocess = read_preprocess(cfg["preprocess"])
