@@ -68,7 +68,7 @@ LESION_TYPES: dict[str, LesionType] = {
                    (0.30, 0.85, 0.75), pathologies=("Bone Metastases",)),
         LesionType("disc_herniation", "posterior disc herniation", "spine", ("disc_nucleus",), (5, 7),
                    (0.35, 0.85, 0.40), elongation=(1.4, 1.0, 0.7), offset_mm=(0.0, 11.0, 0.0),
-                   pathologies=("Disc Herniation", "Degenerative Disc Disease (DDD)")),
+                   pathologies=("Disc Herniation",)),
         LesionType("hepatic_hemangioma", "hepatic haemangioma", "abdomen", ("liver",), (8, 16),
                    (0.30, 1.10, 0.90), pathologies=("Hepatic Hemangioma", "Hemangioma (Liver)")),
         LesionType("liver_metastasis", "hepatic metastasis", "abdomen", ("liver",), (6, 12),

@@ -99,14 +99,22 @@ def _mri_findings() -> dict[str, list[tuple[str, str]]]:
     return by_pathology
 
 
-def finding_phrase(pathologies: tuple[str, ...], sequence: str, rng: np.random.Generator) -> tuple[str, str, str] | None:
+def finding_phrase(
+    pathologies: tuple[str, ...], sequence: str, rng: np.random.Generator, signal: str | None = None
+) -> tuple[str, str, str] | None:
     """One (pathology, finding name, description) for these pathologies, preferring this sequence.
 
-    >>> finding_phrase(("Brain Metastases",), "T2", np.random.default_rng(0))
+    Phrases that contradict the lesion's ``signal`` on this series (a "hyperintense" phrase for a
+    hypointense lesion) are never used; without a compatible phrase the answer is None.
+
+    >>> finding_phrase(("Brain Metastases",), "T2", np.random.default_rng(0), "hyperintense")
     ('Brain Metastases', 'Hyperintense', 'T2WI (due to edema)')
     """
     table = _mri_findings()
     pool = [(p, n, d) for p in pathologies for n, d in table.get(p, [])]
+    contradicting = {"hyperintense": ("hypointense",), "hypointense": ("hyperintense",),
+                     "isointense": ("hyperintense", "hypointense")}.get(signal or "", ())
+    pool = [r for r in pool if not any(word in (r[1] + " " + r[2]).lower() for word in contradicting)]
     if not pool:
         return None
     on_topic = [r for r in pool if not _OFF_TOPIC.search(r[1] + " " + r[2])] or pool
@@ -148,12 +156,12 @@ def write_report(
             f"There is a {lesion.diameter_mm:.0f} mm {lesion.words} in the {lesion.location}, "
             f"{lesion.signal} on {seq_words} images{rim}, with a volume of approximately {lesion.volume_ml:.1f} mL."
         )
-        phrase = finding_phrase(lesion.pathologies, sequence, rng)
+        phrase = finding_phrase(lesion.pathologies, sequence, rng, lesion.signal)
         pathology = _short_pathology(phrase[0]) if phrase else _short_pathology(lesion.pathologies[0])
         if phrase:
             _, name, desc = phrase
             detail = f" ({desc.rstrip('.')})" if desc else ""
-            findings.append(f"Appearance in keeping with {pathology}: {name[0].lower() + name[1:]}{detail}.")
+            findings.append(f"Appearance in keeping with {pathology}: {name[0].lower() + name[1:] if name[1:2].islower() else name}{detail}.")
         impression.append(f"{lesion.diameter_mm:.0f} mm {lesion.words} in the {lesion.location}, consistent with {pathology}.")
         follow = FOLLOW_UP[int(rng.integers(len(FOLLOW_UP)))]
         if follow:

@@ -87,11 +87,11 @@ def _phantom_location(kind: str, centre: np.ndarray) -> str:
     if kind == "disc_herniation":
         k = int(np.floor(z / 36.0))
         upper = int(np.clip(2 - k, 1, 4))
-        return f"L{upper}-L{upper + 1} disc level"
+        return f"L{upper}-L{upper + 1} intervertebral disc"
     if kind in ("hepatic_hemangioma", "liver_metastasis"):
         return ("right" if x < -45 else "left") + " lobe of the liver"
     if kind == "renal_cyst":
-        return ("left" if x > 0 else "right") + " kidney, " + ("upper" if z > -14 else "lower") + " pole"
+        return ("upper" if z > -14 else "lower") + " pole of the " + ("left" if x > 0 else "right") + " kidney"
     return LESION_TYPES[kind].hosts[0].replace("_", " ")
 
 
