@@ -11,6 +11,10 @@ Layout of a corpus folder::
     DIR/tissue/tissue_labels.csv       value,name of the tissue table shared by all regions
     DIR/reports/<id>.txt               generated FINDINGS / IMPRESSION report
     DIR/README.md                      what is real and what is generated
+
+For knee, spine and abdomen the regions *are* the tissue labels, so their rows' ``tissue`` key
+points at the regions file. Every row also records ``region_labels``, ``tissue_labels``,
+``source_anatomy`` and ``acquisition`` (plane, orientation code, spacing, slice thickness, shape).
 """
 
 from __future__ import annotations
