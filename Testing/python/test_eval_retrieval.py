@@ -95,3 +95,16 @@ def test_evaluate_retrieval_command_writes_json_and_markdown_without_report_text
 def test_evaluate_retrieval_names_a_missing_model(tmp_path, capsys):
     assert cli_main(["evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"), "--cache", str(tmp_path)]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_align_and_evaluate_run_on_the_prepared_demo_corpus(prepared_demo_cache, tmp_path):
+    run = tmp_path / "demo-run"
+    code = cli_main(["align", "--config", str(Path(__file__).parents[2] / "DecipherMRTraining/configs/align-demo.json"),
+                     f"cache={prepared_demo_cache}", f"output={run}", "iterations=2", "batch_size=2", "progress=false",
+                     'vision={"preset": "vit-micro"}', 'text={"tiny": true}', "image.size=[32,32,32]"])
+    assert code == 0
+    assert cli_main(["evaluate", "retrieval", "--checkpoint", str(run), "--cache", str(prepared_demo_cache),
+                     "--no-progress"]) == 0
+    result = json.loads((run / "eval-test" / "retrieval.json").read_text())
+    assert result["zero_shot"]["body_region"]["classes"] == ["brain", "knee"]
+    assert 0.0 <= result["body_region_top3"]["image_to_report"] <= 1.0

@@ -47,7 +47,7 @@ def lesion_of(item: CacheItem) -> tuple[bool | None, str | None]:
         if isinstance(labels.get(key), str) and labels[key]:
             where = labels[key].replace("_", " ")
             break
-    for key in ("lesion", "has_lesion", "abnormal"):
+    for key in ("lesion_present", "lesion", "has_lesion", "abnormal"):
         if key in labels and labels[key] is not None:
             value = labels[key]
             return (bool(value) if not isinstance(value, str) else value.lower() not in ("", "0", "false", "none", "no")), where
@@ -100,7 +100,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def lesion_task(image: torch.Tensor, items: Sequence[CacheItem], encode_text: Callable[[list[str]], torch.Tensor]) -> dict[str, Any]:
-    """Lesion vs normal by prompts; a located lesion is prompted at its own place ("lesion in the X")."""
+    """Lesion vs normal: best lesion prompt (generic or "lesion in the X" for every X of the split) minus normal."""
     known = [(i, *lesion_of(it)) for i, it in enumerate(items)]
     known = [(i, has, where) for i, has, where in known if has is not None]
     if not known or all(h for _, h, _ in known) or not any(h for _, h, _ in known):
