@@ -75,23 +75,41 @@ class NormalTokenModel(nn.Module):
         return vol.flatten(2).transpose(1, 2)  # (B, P, D)
 
     @torch.no_grad()
-    def fit(self, tokens: Iterable[torch.Tensor], grids: Iterable) -> "NormalTokenModel":
-        """Fit on normal studies: each element (B, N, D) patch tokens with its grid."""
+    def fit(self, tokens: Iterable[torch.Tensor], grids: Iterable, valid: Iterable[torch.Tensor] | None = None,
+            shrinkage: float = 4.0) -> "NormalTokenModel":
+        """Fit on normal tissue: each element (B, N, D) patch tokens with its grid; ``valid`` (B, N)
+        marks the tokens that are normal (e.g. not touching a known lesion), default all.
+
+        Per-position variances are shrunk towards the global variance with a weight of ``shrinkage``
+        pseudo-studies, so a handful of normal studies still gives a usable model.
+        """
+        tokens, grids = list(tokens), list(grids)
         x = torch.cat([self._on_stats_grid(t, g) for t, g in zip(tokens, grids)])  # (S, P, D)
+        if valid is None:
+            w = torch.ones(x.shape[:2])
+        else:
+            w = torch.cat([self._on_stats_grid(v[..., None].float(), g)[..., 0] for v, g in zip(valid, grids)])
+            w = (w > 0.999).float()  # a position counts only where it is wholly normal
         if x.shape[0] < 2:
             raise ValueError("the normal-token model needs at least two normal studies")
-        self.mean.copy_(x.mean(0))
-        # A variance floor keeps near-constant positions (background) from exploding the score.
-        floor = x.var(0).mean().clamp_min(1e-6) * 0.05
-        self.var.copy_(x.var(0, unbiased=True) + floor)
+        n = w.sum(0)[:, None]  # (P, 1)
+        global_mean = (x * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1)
+        mean = torch.where(n > 0, (x * w[..., None]).sum(0) / n.clamp_min(1), global_mean)
+        sq = ((x - mean) ** 2 * w[..., None]).sum(0)
+        global_var = sq.sum(0) / w.sum().clamp_min(1)
+        var = (sq + shrinkage * global_var) / (n + shrinkage)
+        self.mean.copy_(mean)
+        self.var.copy_(var.clamp_min(1e-6))
         if self.config.method == "knn":
-            n = min(x.shape[0], self.bank.shape[0])
+            m = min(x.shape[0], self.bank.shape[0])
+            filled = torch.where(w[..., None] > 0, x, mean)  # abnormal tokens stand in as the mean
             self.bank.zero_()
-            self.bank[:n] = x[:n]
-            self.bank_count.fill_(n)
+            self.bank[:m] = filled[:m]
+            self.bank_count.fill_(m)
         # Calibrate on leave-one-out scores for knn (a token is its own nearest neighbour otherwise).
         scores = self._scores(x, leave_one_out=self.config.method == "knn")
-        q = torch.quantile(scores.flatten(), torch.tensor([0.5, 0.99]))
+        normal_scores = scores[w > 0] if (w > 0).any() else scores.flatten()
+        q = torch.quantile(normal_scores[: 1_000_000], torch.tensor([0.5, 0.99]))
         self.calibration.copy_(q)
         self.fitted.fill_(True)
         return self

@@ -56,6 +56,7 @@ class ProbeConfig(HeadConfig):
     dropout: float = 0.0
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
+    crop: list[int] = field(default_factory=lambda: [64, 64, 64])
 
     def __post_init__(self) -> None:
         if self.pooling not in ("linear", "attentive"):

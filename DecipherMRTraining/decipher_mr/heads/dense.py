@@ -115,3 +115,52 @@ def sliding_window_predict(predict: Callable[[torch.Tensor], torch.Tensor], imag
 
     return sliding_window_inference(image, roi_size=tuple(int(r) for r in roi), sw_batch_size=1, predictor=predict,
                                     overlap=overlap, mode="gaussian")
+
+
+def centre_view(array: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...], tuple[slice, ...]]:
+    """Zero-pad then centre-crop ``array`` to ``size`` (any dtype).
+
+    Returns the view and the two index tuples that map it back: ``original[src] == view[dst]``.
+
+    >>> view, src, dst = centre_view(cache.load(0), (64, 80, 64))
+    """
+    out = np.zeros(tuple(int(s) for s in size), dtype=array.dtype)
+    src, dst = [], []
+    for a, s in zip(array.shape, size):
+        if a >= s:
+            start = (a - s) // 2
+            src.append(slice(start, start + s))
+            dst.append(slice(0, s))
+        else:
+            start = (s - a) // 2
+            src.append(slice(0, a))
+            dst.append(slice(start, start + a))
+    out[tuple(dst)] = array[tuple(src)]
+    return out, tuple(src), tuple(dst)
+
+
+@torch.no_grad()
+def predict_volume(encoder, head, array: np.ndarray, crop: Sequence[int], text: torch.Tensor | None = None,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits of a dense head (segment, anomaly, ground, localize) for a whole prepared array.
+
+    The array is padded up to at least ``crop`` (centred, as in training) so the encoder sees the
+    training grid, predicted in one pass or by sliding windows of ``crop``, and cut back to the
+    array's own shape: the result is (C, X, Y, Z) on the array's grid.
+
+    >>> logits = predict_volume(encoder, head, cache.load(0), head.config.crop)
+    """
+    size = [max(a, c) for a, c in zip(array.shape, crop)]
+    view, src, dst = centre_view(np.asarray(array, dtype=np.float32), size)
+    x = torch.from_numpy(view)[None, None].to(device)
+    layers = tuple(getattr(head, "required_layers", ()))
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        out = encoder(window, return_layers=layers)
+        t = None if text is None else text.to(window.device).expand(window.shape[0], -1)
+        return head(out, image=window, text=t).float()
+
+    logits = sliding_window_predict(predict, x, crop)[0]
+    full = torch.zeros((logits.shape[0], *array.shape), dtype=logits.dtype)
+    full[(slice(None), *src)] = logits[(slice(None), *dst)].cpu()
+    return full
