@@ -178,7 +178,7 @@ def test_two_process_ddp_splits_region_batches_and_gathers_loss_gradients(tmp_pa
     y = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
     loss = ClipLoss()(F.normalize(proj(x), dim=-1), F.normalize(proj(y), dim=-1), torch.tensor(10.0))
     loss.backward()
-    assert math.isclose((r0["loss"] + r1["loss"]) / 2, float(loss), rel_tol=1e-5)
+    assert math.isclose((r0["loss"] + r1["loss"]) / 2, float(loss.detach()), rel_tol=1e-5)
     torch.testing.assert_close(torch.tensor(r0["grad"]), proj.weight.grad.flatten(), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(r1["grad"]), proj.weight.grad.flatten(), atol=1e-6, rtol=1e-4)
 
@@ -209,3 +209,14 @@ def test_short_alignment_beats_chance_on_held_out_pairs_and_resumes(pairs_cache,
     for key in ("image_proj.weight", "vision.blocks.1.attn.qkv.weight", "logit_scale"):
         torch.testing.assert_close(exported[key], saved[f"model.{key}"])
     assert not torch.equal(tiny_model().image_proj.weight, saved["model.image_proj.weight"])
+
+
+def test_image_tower_loads_from_the_stage1_export(tmp_path):
+    from decipher_mr.models.clip import build_vision_from_spec
+    from decipher_mr.models.vision_weights import save_vision_encoder
+
+    torch.manual_seed(1)
+    encoder = build_vision_encoder("vit-micro")
+    save_vision_encoder(encoder, tmp_path / "encoder.safetensors")
+    loaded = build_vision_from_spec({"export": str(tmp_path / "encoder.safetensors")})
+    torch.testing.assert_close(loaded.state_dict()["blocks.0.attn.qkv.weight"], encoder.state_dict()["blocks.0.attn.qkv.weight"])

@@ -166,14 +166,8 @@ def build_vision_from_spec(spec: str | dict) -> nn.Module:
         spec = {"preset": spec} if spec in vit3d.PRESETS else {"export": spec}
     spec = dict(spec)
     if spec.get("export"):
-        loader = getattr(vit3d, "load_vision_encoder", None)
-        if loader is None:
-            try:
-                from decipher_mr.models import load_vision_encoder as loader  # type: ignore[no-redef]
-            except ImportError as exc:
-                raise AlignedModelError(
-                    f"{spec['export']}: this installation has no stage-1 export loader (load_vision_encoder)"
-                ) from exc
+        from decipher_mr.models.vision_weights import load_vision_encoder as loader
+
         return loader(spec["export"])
     if "config" in spec:
         return vit3d.build_vision_encoder(spec["config"])
