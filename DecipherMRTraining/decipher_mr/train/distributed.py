@@ -143,18 +143,21 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
     Each epoch is a permutation of ``range(n)`` seeded by ``(seed, epoch)``, padded to a multiple of
     ``world_size`` and split so that rank ``r`` takes every ``world_size``-th entry. ``state_dict()``
     gives ``{"epoch", "index"}`` = the next sample this rank will yield; it counts what was handed
-    out to the consumer (call :meth:`advance` from the training loop when DataLoader workers prefetch,
-    see ``consumed``).
+    out; with DataLoader workers prefetching ahead, store :meth:`position_after` (samples consumed) instead.
+    With ``with_keys=True`` it yields ``(item, key)`` pairs, ``key`` being the sample's position in the
+    global stream (identical for any world size with the same global order): a seed for its augmentation.
 
     >>> sampler = ResumableDistributedSampler(len(dataset), seed=0)
     >>> sampler.load_state_dict({"epoch": 3, "index": 5})
     >>> next(iter(sampler))
     """
 
-    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 with_keys: bool = False):
         if n <= 0:
             raise ValueError("the sampler needs at least one item (is the cache empty or the selection too strict?)")
         self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
+        self.with_keys = with_keys
         self.epoch = 0
         self.index = 0
         self.per_rank = -(-n // world_size)
@@ -170,14 +173,19 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
             perm = np.concatenate([perm, perm[: total - self.n]])
         return perm[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         # Iterates from the saved position onwards; the position advances as items are yielded.
+        span = self.per_rank * self.world_size
         while True:
             order = self.order(self.epoch)
             while self.index < len(order):
                 i = int(order[self.index])
+                if self.with_keys:
+                    # The sample's place in the global stream: the same whatever the world size.
+                    yield i, self.epoch * span + self.index * self.world_size + self.rank
+                else:
+                    yield i
                 self.index += 1
-                yield i
             self.epoch += 1
             self.index = 0
 

@@ -1,0 +1,155 @@
+"""Student and EMA teacher for DINO + iBOT, and the loss of one training step.
+
+The student (backbone + DINO head + iBOT head) runs all crops in a single ``forward`` so that it can be
+wrapped in ``DistributedDataParallel`` as is; the teacher is a copy updated by an exponential
+moving average (``_foreach`` ops, no autograd) and only sees the global crops, unmasked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decipher_mr.models.vit3d import VisionEncoderConfig, VisionTransformer3D
+from decipher_mr.train.monitor import effective_rank, mean_entropy
+from decipher_mr.train.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+
+
+class ProjectionHead(nn.Module):
+    """DINO head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes (no bias).
+
+    >>> head = ProjectionHead(192, out_dim=1024)
+    >>> head(torch.randn(4, 192)).shape
+    torch.Size([4, 1024])
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                mods.append(nn.GELU())
+        self.mlp = nn.Sequential(*mods)
+        # Prototypes are normalised in forward (weight norm with g = 1, as DINO's norm_last_layer).
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return F.linear(z, F.normalize(self.prototypes, dim=-1, eps=1e-6).to(z.dtype))
+
+
+@dataclass
+class HeadConfig:
+    dino_prototypes: int = 4096
+    ibot_prototypes: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    layers: int = 3
+
+
+class DinoIbotTower(nn.Module):
+    """Backbone + DINO head + iBOT head: the student (and, copied, the teacher)."""
+
+    def __init__(self, encoder_cfg: VisionEncoderConfig, heads: HeadConfig):
+        super().__init__()
+        self.backbone = VisionTransformer3D(encoder_cfg)
+        d = encoder_cfg.embed_dim
+        self.dino_head = ProjectionHead(d, heads.dino_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.layers)
+        self.ibot_head = ProjectionHead(d, heads.ibot_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.layers)
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Student pass over every crop (masks apply to the global crops); the teacher uses
+        :meth:`teacher_forward` instead."""
+        g = self.backbone(global_crops, mask=masks)
+        cls = [g.cls]
+        if local_crops is not None and local_crops.shape[0]:
+            cls.append(self.backbone(local_crops).cls)
+        dino = self.dino_head(torch.cat(cls))
+        masked = g.patch_tokens[masks] if masks is not None else g.patch_tokens[:0, 0]
+        return {"cls_global": g.cls, "dino": dino, "ibot": self.ibot_head(masked)}
+
+    @torch.no_grad()
+    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        g = self.backbone(global_crops)
+        masked = g.patch_tokens[masks] if masks is not None else g.patch_tokens[:0, 0]
+        return {"cls_global": g.cls, "dino": self.dino_head(g.cls), "ibot": self.ibot_head(masked)}
+
+
+class SSLMetaArch(nn.Module):
+    """Student, teacher and losses; ``training_loss`` computes one step's loss.
+
+    >>> arch = SSLMetaArch(vision_config("vit-micro"), HeadConfig(256, 256, 128, 64))
+    >>> loss, metrics = arch.training_loss(batch, teacher_temp=0.04)
+    >>> loss.backward(); opt.step(); arch.update_teacher(momentum=0.996)
+    """
+
+    def __init__(self, encoder_cfg: VisionEncoderConfig, heads: HeadConfig, loss_cfg: dict[str, Any] | None = None):
+        super().__init__()
+        lc = {"dino_weight": 1.0, "ibot_weight": 1.0, "koleo_weight": 0.1, "student_temp": 0.1,
+              "center_momentum": 0.9, "centering": "centering", **(loss_cfg or {})}
+        self.loss_cfg = lc
+        self.encoder_cfg, self.heads_cfg = encoder_cfg, heads
+        self.student = DinoIbotTower(encoder_cfg, heads)
+        self.teacher = copy.deepcopy(self.student)
+        # The teacher never needs drop path or activation checkpointing.
+        for blk in self.teacher.backbone.blocks:
+            blk.drop_path_rate = 0.0
+        self.teacher.requires_grad_(False)
+        self.dino_loss = DINOLoss(heads.dino_prototypes, lc["student_temp"], lc["center_momentum"], lc["centering"])
+        self.ibot_loss = IBOTPatchLoss(heads.ibot_prototypes, lc["student_temp"], lc["center_momentum"], lc["centering"])
+        self.koleo_loss = KoLeoLoss()
+        # The module DDP wraps (set by the trainer); the bare student otherwise.
+        self.student_runner: nn.Module = self.student
+
+    def architecture(self) -> dict[str, Any]:
+        """What a checkpoint of this model must match to be loaded."""
+        return {"encoder": self.encoder_cfg.architecture(), "heads": vars(self.heads_cfg).copy()}
+
+    def training_loss(self, batch: dict[str, torch.Tensor], teacher_temp: float, monitor: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted DINO + iBOT + KoLeo loss of a collated multi-crop batch (see ``collate_multicrop``)."""
+        lc = self.loss_cfg
+        g, loc, masks = batch["global"], batch["local"], batch["masks"]
+        n_global = 2
+        b = g.shape[0] // n_global
+        n_local = loc.shape[0] // max(b, 1)
+        t = self.teacher.teacher_forward(g, masks)
+        s = self.student_runner(g, loc if n_local else None, masks)
+
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            t_dino = t["dino"].float()
+            dino_targets = self.dino_loss.targets(t_dino, teacher_temp).chunk(n_global)
+            dino = self.dino_loss(s["dino"].float().chunk(n_global + n_local), dino_targets)
+            n_masked = masks.sum(dim=1, keepdim=True).clamp_min(1).float()
+            weight = (1.0 / n_masked).expand_as(masks)[masks]
+            ibot_targets = self.ibot_loss.targets(t["ibot"].float(), teacher_temp)
+            ibot = self.ibot_loss(s["ibot"].float(), ibot_targets, weight, n_samples=g.shape[0])
+            koleo = sum(self.koleo_loss(c) for c in s["cls_global"].float().chunk(n_global)) / n_global
+            loss = lc["dino_weight"] * dino + lc["ibot_weight"] * ibot + lc["koleo_weight"] * koleo
+            self.dino_loss.update_center(t_dino)
+            if t["ibot"].shape[0]:
+                self.ibot_loss.update_center(t["ibot"].float())
+        metrics = {"loss/dino": float(dino.detach()), "loss/ibot": float(ibot.detach()), "loss/koleo": float(koleo.detach())}
+        if monitor:
+            metrics["monitor/teacher_entropy"] = mean_entropy(torch.cat(dino_targets))
+            metrics["monitor/effective_rank"] = effective_rank(t["cls_global"].float())
+        return loss, metrics
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+        t = list(self.teacher.parameters())
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1 - momentum)
