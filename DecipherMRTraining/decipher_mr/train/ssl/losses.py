@@ -65,7 +65,9 @@ class _CenteredTargets(nn.Module):
         n = torch.tensor(float(teacher_logits.shape[0]), device=s.device)
         all_reduce_sum(s)
         all_reduce_sum(n)
-        batch_center = s / n.clamp_min(1)
+        if float(n) == 0:  # no masked patch anywhere in the global batch: nothing to average
+            return
+        batch_center = s / n
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 

@@ -138,8 +138,8 @@ class SSLMetaArch(nn.Module):
             koleo = sum(self.koleo_loss(c) for c in s["cls_global"].float().chunk(n_global)) / n_global
             loss = lc["dino_weight"] * dino + lc["ibot_weight"] * ibot + lc["koleo_weight"] * koleo
             self.dino_loss.update_center(t_dino)
-            if t["ibot"].shape[0]:
-                self.ibot_loss.update_center(t["ibot"].float())
+            # Called on every rank even without masked patches: it all-reduces under DDP.
+            self.ibot_loss.update_center(t["ibot"].float())
         metrics = {"loss/dino": float(dino.detach()), "loss/ibot": float(ibot.detach()), "loss/koleo": float(koleo.detach())}
         if monitor:
             metrics["monitor/teacher_entropy"] = mean_entropy(torch.cat(dino_targets))

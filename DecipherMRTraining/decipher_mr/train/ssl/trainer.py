@@ -232,7 +232,7 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                             f"{nan_in_a_row} steps in a row had a non-finite loss or gradient (iteration {it}); "
                             "aborting. Lower optim.lr, raise optim.warmup_iterations or use train.precision=fp32."
                         )
-                reported = torch.tensor([float(loss), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])
+                reported = torch.tensor([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])
                 all_reduce_mean(reported)
                 row = {"iteration": it, "loss": float(reported[0]), "loss/dino": float(reported[1]),
                        "loss/ibot": float(reported[2]), "loss/koleo": float(reported[3]), "lr": sch["lr"],

@@ -1,0 +1,181 @@
+"""Stage-1 pretraining on the prepared demo cache (real MRI): learning, exact resume after SIGTERM,
+two-process DDP equals one process, refused checkpoints, teacher export.
+
+Tiny model (vit-micro), small crops and fixed seeds keep this file to about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from decipher_mr.models import load_vision_encoder
+from decipher_mr.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from decipher_mr.train.ssl.trainer import load_config, train
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "DecipherMRTraining" / "configs" / "vit-small-demo.json"
+TINY = [
+    "model.encoder=vit-micro", "model.dino_prototypes=64", "model.ibot_prototypes=64",
+    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_layers=2",
+    'crops.global_size=[32,32,16]', 'crops.local_size=[16,16,8]', "crops.n_local=2",
+    "train.batch_size=4", "data.num_workers=0", "train.progress=false", "train.tensorboard=false",
+    "optim.warmup_iterations=2", "optim.teacher_temp_warmup_iterations=0", "optim.teacher_temp=0.04",
+    "train.monitor_every=0",
+]
+
+
+def tiny_config(cache: Path, run_dir: Path, *more: str) -> dict:
+    return load_config(CONFIG, [f"data.cache={cache}", f"run_dir={run_dir}", *TINY, *more])
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["iteration"]: r for r in rows}
+
+
+def weights_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run_dir / "checkpoints") / "weights.safetensors"))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "DecipherMRTraining") + os.pathsep + env.get("PYTHONPATH", "")
+    # Same thread count as this process: results are then reproducible bit for bit across processes.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return env
+
+
+def test_loss_goes_down_on_the_demo_cache(prepared_demo_cache, tmp_path):
+    # Sinkhorn-Knopp targets are informative from the first step (centering starts near uniform
+    # targets, so its loss first rises, as in DINO), which makes learning visible in 40 steps.
+    cfg = tiny_config(prepared_demo_cache, tmp_path / "run", "train.iterations=40", "optim.lr=2e-3",
+                      "loss.centering=sinkhorn", "masking.sample_probability=1.0", "masking.ratio=[0.3,0.3]",
+                      "optim.teacher_momentum_end=0.99", "train.checkpoint_every=100")
+    summary = train(cfg)
+    losses = np.array(summary["losses"])
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    assert losses[-5:].mean() < losses[:5].mean() - 0.1, losses
+    assert (tmp_path / "run" / "encoder.safetensors").exists()
+
+
+def _wait_for_iterations(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        f = run_dir / "metrics.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("training did not reach the wanted iteration in time")
+
+
+def test_sigterm_checkpoint_then_resume_equals_an_uninterrupted_run(prepared_demo_cache, tmp_path):
+    common = ["train.iterations=1000", "train.checkpoint_every=1000", "optim.lr=1e-3", "loss.centering=centering"]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
+           f"data.cache={prepared_demo_cache}", f"run_dir={killed}", *TINY, *common]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_iterations(killed, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped cleanly" in out
+    ckpt = latest_checkpoint(killed / "checkpoints")
+    stopped = int(ckpt.name.split("-")[1])
+    assert stopped >= 3
+
+    target = stopped + 3
+    resumed = train(tiny_config(prepared_demo_cache, killed, *common, f"train.stop_at={target}"), resume=True)
+    assert resumed["start"] == stopped and len(resumed["losses"]) == 3
+
+    straight_dir = tmp_path / "straight"
+    train(tiny_config(prepared_demo_cache, straight_dir, *common, f"train.stop_at={target}"))
+    a, b = metrics(killed), metrics(straight_dir)
+    assert sorted(a) == sorted(b) == list(range(target))
+    for it in range(target):
+        assert a[it]["loss"] == pytest.approx(b[it]["loss"], rel=1e-5, abs=1e-6), it
+    wa, wb = weights_of(killed), weights_of(straight_dir)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
+    # KoLeo looks for nearest neighbours within each process's batch, so it differs by design.
+    common = ["train.iterations=4", "train.checkpoint_every=100", "optim.lr=1e-3", "loss.koleo_weight=0",
+              "train.export_teacher=false"]
+    ddp_dir = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
+                f"data.cache={prepared_demo_cache}", f"run_dir={ddp_dir}", "device=cpu", *TINY, *common]
+    res = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout
+
+    single_dir = tmp_path / "single"
+    summary = train(tiny_config(prepared_demo_cache, single_dir, *common, "device=cpu"))
+    assert summary["world_size"] == 1
+    a, b = metrics(ddp_dir), metrics(single_dir)
+    for it in range(4):
+        assert a[it]["loss"] == pytest.approx(b[it]["loss"], rel=1e-4, abs=1e-5), it
+    wa, wb = weights_of(ddp_dir), weights_of(single_dir)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def short_run(prepared_demo_cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    train(tiny_config(prepared_demo_cache, run_dir, "train.iterations=2", "train.checkpoint_every=2"))
+    return run_dir
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(short_run, prepared_demo_cache, tmp_path):
+    bad = tmp_path / "run"
+    shutil.copytree(short_run, bad)
+    weights = latest_checkpoint(bad / "checkpoints") / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors: checksum mismatch"):
+        train(tiny_config(prepared_demo_cache, bad, "train.iterations=4"), resume=True)
+
+
+def test_checkpoint_of_another_architecture_is_refused(short_run, prepared_demo_cache, tmp_path):
+    other = tmp_path / "run"
+    shutil.copytree(short_run, other)
+    cfg = tiny_config(prepared_demo_cache, other, "train.iterations=4", 'model.encoder_overrides={"depth": 3}')
+    with pytest.raises(CheckpointError, match="another architecture.*depth"):
+        train(cfg, resume=True)
+
+
+def test_teacher_export_from_the_command_line_loads_as_an_encoder(short_run, tmp_path):
+    out = tmp_path / "teacher.safetensors"
+    res = subprocess.run([sys.executable, "-m", "decipher_mr", "pretrain-vision", "--export-teacher", str(short_run),
+                          "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    enc = load_vision_encoder(out)
+    teacher = {k[len("teacher.backbone."):]: v for k, v in weights_of(short_run).items() if k.startswith("teacher.backbone.")}
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    assert json.loads(out.with_suffix(".json").read_text())["embed_dim"] == 64
