@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-vision": ("pretrain_vision", "stage 1: DINOv2 + iBOT self-supervised pretraining of the 3D ViT"),
     "pretrain-text": ("pretrain_text", "stage 1: masked-language-model pretraining of the text encoder on reports"),
     "align": ("align", "stage 2: CLIP alignment of image and report in a shared 512-d space"),
+    "train-head": ("train_head", "train a task head (classify, regress, segment, anomaly, ground, localize) on the frozen encoder"),
     "evaluate": ("evaluate", "evaluate retrieval, zero-shot classification and heads"),
     "export": ("export", "pack encoder, text tower, projections and heads into one verified model bundle"),
     "verify": ("verify", "check a model bundle (checksums, format, safe weights) and print what it holds"),

@@ -81,9 +81,9 @@ def heatmap_iou(heat: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> 
     return float(np.logical_and(p, t).sum() / union) if union else float("nan")
 
 
-def pointing_hit(heat: np.ndarray, truth: np.ndarray) -> float:
-    """1.0 when the heatmap's maximum falls inside the true mask (the pointing game)."""
-    return float(truth.ravel()[int(np.argmax(heat))] > 0)
+def pointing_hit(peak: Sequence[int], truth: np.ndarray) -> float:
+    """1.0 when the pointed voxel (a head's ``peak``) falls inside the true mask (the pointing game)."""
+    return float(truth[tuple(int(v) for v in peak)] > 0)
 
 
 def centre_point_hit(truth: np.ndarray) -> float:

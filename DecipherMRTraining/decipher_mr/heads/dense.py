@@ -164,3 +164,23 @@ def predict_volume(encoder, head, array: np.ndarray, crop: Sequence[int], text: 
     full = torch.zeros((logits.shape[0], *array.shape), dtype=logits.dtype)
     full[(slice(None), *src)] = logits[(slice(None), *dst)].cpu()
     return full
+
+
+def peak_voxel(grid_logits: np.ndarray, shape: Sequence[int], patch: int = 8, heat: np.ndarray | None = None,
+               threshold: float = 0.5) -> list[int]:
+    """The pointing answer.
+
+    With ``heat``: the voxel of the largest above-threshold component nearest to that component's
+    heat-weighted centroid. A raw argmax is a poor point: a head that uses coordinates saturates
+    along a trend and its maximum drifts to the volume's border. Without a component, the centre
+    voxel of the highest-scoring token.
+    """
+    if heat is not None:
+        comp = largest_component(heat >= threshold)
+        if comp.any():
+            idx = np.argwhere(comp)
+            w = heat[comp].astype(np.float64)
+            centroid = (idx * w[:, None]).sum(0) / w.sum()
+            return [int(v) for v in idx[np.argmin(((idx - centroid) ** 2).sum(1))]]
+    idx = np.unravel_index(int(np.argmax(grid_logits)), grid_logits.shape)
+    return [int(min(i * patch + patch // 2, s - 1)) for i, s in zip(idx, shape)]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .configs import LocalizeConfig
-from .dense import box_from_heatmap, coordinate_tokens, token_volume, upsample_to
+from .dense import box_from_heatmap, coordinate_tokens, peak_voxel, token_volume, upsample_to
 
 
 class LocalizationHead(nn.Module):
@@ -47,13 +47,13 @@ class LocalizationHead(nn.Module):
     @torch.no_grad()
     def locate(self, out, image: torch.Tensor) -> list[dict[str, dict]]:
         """Per batch item, per structure: ``box`` (half-open voxel box), ``peak`` voxel and ``score``."""
-        heat = torch.sigmoid(self.forward(out, image=image)).cpu().numpy()
+        grid_logits = self.token_logits(out)
+        heat = torch.sigmoid(upsample_to(grid_logits, image.shape[2:], self.config.patch_size)).cpu().numpy()
         results = []
-        for per_item in heat:
+        for per_item, per_grid in zip(heat, grid_logits.float().cpu().numpy()):
             found = {}
-            for name, h in zip(self.config.labels, per_item):
-                peak = np.unravel_index(int(np.argmax(h)), h.shape)
-                found[name] = {"box": box_from_heatmap(h, self.config.threshold), "peak": [int(v) for v in peak],
+            for name, h, g in zip(self.config.labels, per_item, per_grid):
+                found[name] = {"box": box_from_heatmap(h, self.config.threshold), "peak": peak_voxel(g, h.shape, heat=h, threshold=self.config.threshold),
                                "score": float(h.max()), "heatmap": h}
             results.append(found)
         return results

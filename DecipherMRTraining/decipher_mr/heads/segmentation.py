@@ -3,14 +3,14 @@
 Tokens from three depths (``config.layers``) are folded back to feature volumes at 1/8 resolution.
 The deepest goes up by transposed convolutions, the two shallower ones are projected up to 1/4 and
 1/2 resolution (MONAI's ``UnetrPrUpBlock``) and joined as skips (``UnetrUpBlock``); the image itself
-gives the full-resolution skip (``UnetrBasicBlock``), which is what lets a frozen 8-voxel-patch
+is joined at full resolution before a last convolution, which is what lets a frozen 8-voxel-patch
 encoder draw voxel-accurate boundaries.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.blocks import Convolution, UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
 from .configs import SegmentConfig
@@ -41,7 +41,6 @@ class SegmentationHead(nn.Module):
         if k < 1:
             raise ValueError("a segmentation head needs labels (background first)")
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
-        self.skip_image = UnetrBasicBlock(3, 1, c, kernel_size=3, stride=1, norm_name="instance", res_block=True)
         self.skip_half = UnetrPrUpBlock(3, d, c, num_layer=1, kernel_size=3, stride=1, upsample_kernel_size=2,
                                         norm_name="instance", conv_block=True, res_block=True)
         self.skip_quarter = UnetrPrUpBlock(3, d, 2 * c, num_layer=0, kernel_size=3, stride=1, upsample_kernel_size=2,
@@ -49,7 +48,10 @@ class SegmentationHead(nn.Module):
         self.bottom = UnetrBasicBlock(3, d, 4 * c, kernel_size=3, stride=1, norm_name="instance", res_block=True)
         self.up_quarter = UnetrUpBlock(3, 4 * c, 2 * c, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True)
         self.up_half = UnetrUpBlock(3, 2 * c, c, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True)
-        self.up_full = UnetrUpBlock(3, c, c, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True)
+        # Full resolution dominates the cost on CPU: one transposed conv and one conv over the
+        # up-sampled features joined with the raw image, instead of a full UNETR block pair.
+        self.up_full = nn.ConvTranspose3d(c, c, kernel_size=2, stride=2)
+        self.refine = Convolution(3, c + 1, c, kernel_size=3, norm="instance", act=("leakyrelu", {"negative_slope": 0.01}))
         self.out = UnetOutBlock(3, c, k)
 
     @property
@@ -72,5 +74,5 @@ class SegmentationHead(nn.Module):
         h = self.bottom(deep)
         h = self.up_quarter(h, self.skip_quarter(middle))
         h = self.up_half(h, self.skip_half(shallow))
-        h = self.up_full(h, self.skip_image(x))
+        h = self.refine(torch.cat([self.up_full(h), x], dim=1))
         return self.out(h)[..., : shape[0], : shape[1], : shape[2]]

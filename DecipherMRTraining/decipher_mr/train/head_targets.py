@@ -174,12 +174,12 @@ class TaskTargets:
                 for name, m in zip(self.labels, masks):
                     if m.any():
                         ious.append(M.box_metrics([found[name]["box"]], [m]))
-                        hits.append(M.pointing_hit(found[name]["heatmap"], m))
+                        hits.append(M.pointing_hit(found[name]["peak"], m))
             elif task == "ground":
                 for pi, m in self.pairs.get(f.index, []):
-                    heat = torch.sigmoid(head(out, image=image, text=self.text[pi:pi + 1]))[0, 0].numpy()
-                    ious.append(M.heatmap_iou(heat, m, head.config.threshold))
-                    hits.append(M.pointing_hit(heat, m))
+                    res = head.ground(out, image, self.text[pi:pi + 1])[0]
+                    ious.append(M.heatmap_iou(res["heatmap"], m, head.config.threshold))
+                    hits.append(M.pointing_hit(res["peak"], m))
         if task == "segment":
             d = M.mean_ignoring_nan(dice)
             return {"dice": d, "primary": d}
@@ -190,6 +190,12 @@ class TaskTargets:
         if task == "localize":
             return {"box_iou": M.mean_ignoring_nan(ious), "pointing": M.mean_ignoring_nan(hits), "primary": M.mean_ignoring_nan(ious)}
         return {"heatmap_miou": M.mean_ignoring_nan(ious), "pointing": M.mean_ignoring_nan(hits), "primary": M.mean_ignoring_nan(hits)}
+
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, max_weight: float = 50.0) -> torch.Tensor:
+    """BCE with positives up-weighted to balance small structures against the background."""
+    pos = max(float(target.mean()), 1e-4)
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(min(0.5 / pos, max_weight)))
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -228,7 +234,7 @@ def task_loss(task: str, head, out, batch, targets: TaskTargets, rng: np.random.
         masks = torch.from_numpy(np.stack([targets.structure_masks(f.index) for f in batch]).astype(np.float32))
         occ = occupancy(masks, 8)
         logits = head.token_logits(out)
-        return F.binary_cross_entropy_with_logits(logits, occ) + soft_dice_loss(logits, occ)
+        return balanced_bce(logits, occ) + soft_dice_loss(logits, occ)
     if task == "ground":
         texts, occs = [], []
         for f in batch:
@@ -242,5 +248,5 @@ def task_loss(task: str, head, out, batch, targets: TaskTargets, rng: np.random.
             occs.append(occupancy(torch.from_numpy(m.astype(np.float32))[None, None], 8)[0])
         logits = head.token_logits(out, torch.stack(texts))
         occ = torch.stack(occs)
-        return F.binary_cross_entropy_with_logits(logits, occ) + soft_dice_loss(logits, occ)
+        return balanced_bce(logits, occ) + soft_dice_loss(logits, occ)
     raise ValueError(f"unknown head task {task!r}")
