@@ -1,0 +1,224 @@
+"""Segmentation nodes from label arrays: named, coloured segments on the input volume's grid.
+
+Segments are imported from one label map that carries the reference volume's IJKToRAS, so the binary
+labelmap representation has exactly the input's geometry (oblique directions included) and the
+segmentation's reference image geometry is the input volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import slicer
+
+from .SubjectHierarchy import place_beside
+from .VolumeBridge import check_same_grid, vtk_image_from_array
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    """One label of a segmentation head: its value in the label array, its name and RGB colour (0..1).
+
+    >>> SegmentLabel(1, "Precentral_L", (0.9, 0.2, 0.2))
+    """
+
+    value: int
+    name: str
+    color: tuple[float, float, float]
+
+
+def distinct_color(index: int) -> tuple[float, float, float]:
+    """A colour for label ``index`` that differs visibly from its neighbours (golden-angle hues).
+
+    >>> distinct_color(0)
+    """
+    import colorsys
+
+    hue = (index * 0.618033988749895) % 1.0
+    return colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+
+
+def labels_from_rows(rows: Iterable[dict]) -> list[SegmentLabel]:
+    """Segment labels from a bundle's label table rows (``value``/``index``, ``name``, optional ``color``).
+
+    >>> labels_from_rows([{"value": 1, "name": "lesion", "color": "#ff0000"}])
+    """
+    out = []
+    for n, row in enumerate(rows):
+        value = int(row.get("value", row.get("index", n + 1)))
+        name = str(row.get("name") or f"label {value}")
+        color = row.get("color")
+        if isinstance(color, str) and color.startswith("#") and len(color) == 7:
+            rgb = tuple(int(color[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
+        elif isinstance(color, (list, tuple)) and len(color) == 3:
+            rgb = tuple(float(c) / (255.0 if max(color) > 1 else 1.0) for c in color)
+        else:
+            rgb = distinct_color(n)
+        out.append(SegmentLabel(value, name, rgb))  # type: ignore[arg-type]
+    return out
+
+
+def segmentation_logic(scene):
+    """The segmentations logic (created once per scene: segments cannot be added before it exists).
+
+    >>> segmentation_logic(scene)
+    """
+    logic = getattr(scene, "_decipher_segmentation_logic", None)
+    if logic is None:
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        logic.SetMRMLScene(scene)
+        # The scene is a VTK object: a Python attribute keeps the logic alive as long as it.
+        scene._decipher_segmentation_logic = logic
+    return logic
+
+
+def new_segmentation_node(scene, reference_node, name: str):
+    """An empty segmentation node whose reference geometry is the volume's, beside it in the hierarchy.
+
+    >>> seg = new_segmentation_node(scene, input_node, "MRHead segmentation")
+    """
+    segmentation_logic(scene)
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(scene.GenerateUniqueName(name))
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    place_beside(scene, node, reference_node)
+    return node
+
+
+def add_label_array(scene, segmentation_node, reference_node, label_array: np.ndarray, labels: Sequence[SegmentLabel]) -> list[str]:
+    """Import the given labels of an ``[i, j, k]`` label array as named, coloured segments; returns their ids.
+
+    Labels absent from the array still become (empty) segments, so the segment list always matches the
+    head's label table.
+
+    >>> add_label_array(scene, seg, input_node, labels, [SegmentLabel(1, "lesion", (1, 0, 0))])
+    """
+    check_same_grid(label_array, reference_node, "segmentation")
+    label_array = np.asarray(label_array)
+    if not np.issubdtype(label_array.dtype, np.integer) and label_array.dtype != np.bool_:
+        raise ValueError(f"segmentation: expected an integer label array, got {label_array.dtype}")
+    label_array = label_array.astype(np.int16 if label_array.max(initial=0) < 32768 else np.int32)
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()  # never added to the scene: a carrier of geometry
+    labelmap.CopyOrientation(reference_node)
+    labelmap.SetAndObserveImageData(vtk_image_from_array(label_array))
+
+    segmentation = segmentation_node.GetSegmentation()
+    before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+    logic = segmentation_logic(scene)
+    if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ""):
+        raise RuntimeError(f"could not import the label map into segmentation {segmentation_node.GetName()!r}")
+    imported = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        seg_id = segmentation.GetNthSegmentID(i)
+        if seg_id not in before:
+            imported[segmentation.GetSegment(seg_id).GetLabelValue()] = seg_id
+    wanted = {lab.value for lab in labels}
+    for value, seg_id in imported.items():
+        if value not in wanted:  # labels the head's table does not name are dropped, not shown as "Label_7"
+            segmentation.RemoveSegment(seg_id)
+    ids = []
+    for lab in labels:
+        seg_id = imported.get(lab.value)
+        if seg_id is None:
+            seg_id = segmentation.AddEmptySegment("", lab.name, list(lab.color))
+        segment = segmentation.GetSegment(seg_id)
+        segment.SetName(lab.name)
+        segment.SetColor(*lab.color)
+        ids.append(seg_id)
+    # Segments follow the label table's order (the import lists them by value, empty ones last).
+    first = len(before)
+    for offset, seg_id in enumerate(ids):
+        segmentation.SetSegmentIndex(seg_id, first + offset)
+    return ids
+
+
+def write_segmentation(scene, reference_node, label_array: np.ndarray, labels: Sequence[SegmentLabel], name: str | None = None):
+    """A new segmentation node holding the label array as named, coloured segments beside the input.
+
+    >>> seg = write_segmentation(scene, input_node, result.labels, labels_from_rows(result.label_table))
+    """
+    name = name or f"{reference_node.GetName()} segmentation"
+    node = new_segmentation_node(scene, reference_node, name)
+    add_label_array(scene, node, reference_node, label_array, labels)
+    return node
+
+
+def segment_array(scene, segmentation_node, segment_id: str, reference_node) -> np.ndarray:
+    """A segment as a 0/1 ``[i, j, k]`` array on the reference volume's grid.
+
+    >>> mask = segment_array(scene, seg, seg.GetSegmentation().GetNthSegmentID(0), input_node)
+    """
+    import vtk
+
+    from .VolumeBridge import array_from_volume_node
+
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)  # export needs the node in the scene
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not segmentation_logic(scene).ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_node):
+            raise RuntimeError(f"could not export segment {segment_id!r}")
+        return (array_from_volume_node(labelmap) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def save_segmentation(segmentation_node, path: str | Path) -> Path:
+    """Write a segmentation node as ``.seg.nrrd`` on its full reference grid.
+
+    Slicer writes into a temporary file of the same folder which is renamed into place, so a crash never
+    leaves half a file under the real name.
+
+    >>> save_segmentation(seg, "out/MRHead.seg.nrrd")
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    if not path.name.endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: a segmentation is saved as .seg.nrrd")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".seg.nrrd", dir=path.parent)
+    os.close(fd)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetCropToMinimumExtent(False)
+    storage.SetFileName(tmp)
+    try:
+        if not storage.WriteData(segmentation_node):
+            raise RuntimeError(f"{path}: writing the segmentation failed")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_segmentation(scene, path: str | Path, name: str | None = None):
+    """Read a ``.seg.nrrd`` into a new segmentation node.
+
+    >>> seg = load_segmentation(scene, "out/MRHead.seg.nrrd")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such segmentation file")
+    segmentation_logic(scene)
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(scene.GenerateUniqueName(name or path.name[: -len(".seg.nrrd")]))
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise ValueError(f"{path}: not a readable segmentation file")
+    node.CreateDefaultDisplayNodes()
+    return node

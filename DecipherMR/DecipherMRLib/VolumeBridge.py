@@ -1,0 +1,128 @@
+"""Volume nodes <-> arrays with geometry.
+
+Arrays here are indexed ``[i, j, k]`` like ``decipher_mr.data.volume.Volume`` (ITK/NIfTI order), not the
+``[k, j, i]`` order of ``slicer.util.arrayFromVolume``. A node's IJKToRAS matrix is the geometry; the
+engine's ``Volume`` keeps LPS, so the two differ only by the sign of the first two world rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+# numpy dtype -> VTK scalar type for the arrays the engine returns.
+_VTK_TYPES = {
+    np.dtype(np.uint8): vtk.VTK_UNSIGNED_CHAR,
+    np.dtype(np.int8): vtk.VTK_SIGNED_CHAR,
+    np.dtype(np.int16): vtk.VTK_SHORT,
+    np.dtype(np.uint16): vtk.VTK_UNSIGNED_SHORT,
+    np.dtype(np.int32): vtk.VTK_INT,
+    np.dtype(np.uint32): vtk.VTK_UNSIGNED_INT,
+    np.dtype(np.float32): vtk.VTK_FLOAT,
+    np.dtype(np.float64): vtk.VTK_DOUBLE,
+}
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """The 4x4 IJKToRAS matrix of a volume node as numpy.
+
+    >>> ijk_to_ras(volume_node)[:3, 3]        # RAS position of voxel (0, 0, 0)
+    """
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def array_from_volume_node(node) -> np.ndarray:
+    """The voxels of a volume node as a numpy view indexed ``[i, j, k]``.
+
+    >>> array_from_volume_node(volume_node).shape     # (columns, rows, slices)
+    """
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        name = node.GetName() if node is not None else "<none>"
+        raise ValueError(f"volume node {name!r} has no image data")
+    dims = image.GetDimensions()
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume node {node.GetName()!r} has {image.GetNumberOfScalarComponents()} components; expected a scalar volume")
+    # VTK stores i fastest, so the flat buffer reshapes to [k, j, i]; transposing is a free view.
+    return scalars.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0)
+
+
+def volume_from_node(node):
+    """A ``decipher_mr`` Volume (array [i, j, k] + LPS geometry) from a scalar volume node.
+
+    >>> vol = volume_from_node(slicer.util.getNode("MRHead"))
+    """
+    from decipher_mr.data.volume import Volume
+
+    array = array_from_volume_node(node)
+    affine = ijk_to_ras(node)
+    lps = _LPS_FROM_RAS @ affine[:3, :]
+    spacing = np.asarray(node.GetSpacing(), dtype=np.float64)
+    return Volume(
+        array=np.ascontiguousarray(array),
+        spacing=tuple(spacing),
+        origin=tuple(lps[:, 3]),
+        direction=lps[:, :3] / spacing,
+        path=node.GetName(),
+    )
+
+
+def vtk_image_from_array(array: np.ndarray) -> "vtk.vtkImageData":
+    """A vtkImageData holding a copy of an ``[i, j, k]`` array (geometry left at identity).
+
+    >>> image = vtk_image_from_array(np.zeros((4, 5, 6), np.uint8))
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D array, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.dtype not in _VTK_TYPES:
+        array = array.astype(np.float32)
+    flat = np.ascontiguousarray(array.transpose(2, 1, 0)).ravel()
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=1, array_type=_VTK_TYPES[flat.dtype]))
+    return image
+
+
+def check_same_grid(array: np.ndarray, reference_node, what: str) -> None:
+    """Refuse an output whose shape is not the reference volume's (it would be placed wrongly)."""
+    ref_shape = tuple(reference_node.GetImageData().GetDimensions())
+    if tuple(np.shape(array)) != ref_shape:
+        raise ValueError(
+            f"{what}: shape {tuple(np.shape(array))} does not match volume {reference_node.GetName()!r} {ref_shape}"
+        )
+
+
+def add_volume_from_array(scene, array: np.ndarray, reference_node, name: str, label: bool = False):
+    """Add a scalar (or label map) volume node on the reference volume's exact grid.
+
+    >>> heat = add_volume_from_array(scene, scores, input_node, "Anomaly map")
+    """
+    check_same_grid(array, reference_node, name)
+    node = slicer.vtkMRMLLabelMapVolumeNode() if label else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(scene.GenerateUniqueName(name))
+    node.CopyOrientation(reference_node)  # origin, spacing and directions in one go
+    node.SetAndObserveImageData(vtk_image_from_array(array))
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def same_geometry(node_a, node_b, atol: float = 1e-5) -> bool:
+    """True when two volume nodes have the same grid and IJKToRAS.
+
+    >>> same_geometry(heat_node, input_node)
+    """
+    dims_a = node_a.GetImageData().GetDimensions() if node_a.GetImageData() else None
+    dims_b = node_b.GetImageData().GetDimensions() if node_b.GetImageData() else None
+    return dims_a == dims_b and np.allclose(ijk_to_ras(node_a), ijk_to_ras(node_b), atol=atol)
