@@ -1,12 +1,29 @@
-"""DecipherMR Slicer module (placeholder).
+"""DecipherMR: segmentation, anomaly heatmap, text-prompted highlight and report retrieval on an MRI volume.
 
-The scripted module that loads a DecipherMR model bundle and, on the volume in the viewer, produces a
-segmentation, an anomaly heatmap, a text-prompted highlight and report/case retrieval is tracked by a
-later issue. This file only declares the module so the extension builds. Nothing heavy is imported here:
-Slicer loads every module at start-up.
+This file is the thin Qt layer. Everything that touches the MRML scene lives in ``DecipherMRLib`` (Qt-free,
+tested on slicer-core); model work runs in the persistent ``decipher-mr worker`` process, driven off the
+GUI thread by ``DecipherMRLib.Runner``. Nothing heavy is imported here or in any constructor: Slicer
+imports every module at start-up, and torch/decipher_mr load only when the user runs something.
 """
 
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+import logging
+
+import qt
+import slicer
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+import vtk
+
+BUNDLE_SETTING = "DecipherMR/BundlePath"
+DEVICE_SETTING = "DecipherMR/Device"
+INDEX_SETTING = "DecipherMR/IndexPath"
 
 
 class DecipherMR(ScriptedLoadableModule):
@@ -14,12 +31,328 @@ class DecipherMR(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "DecipherMR"
         self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
         self.parent.contributors = ["DecipherMR developers"]
         self.parent.helpText = (
-            "3D MRI vision-language foundation model (research use only, not for clinical use). "
-            "The interactive panel is not implemented yet; use the decipher-mr command line."
+            "Runs a DecipherMR model bundle (3D MRI vision-language foundation model) on the selected volume: "
+            "<b>Segment</b> (named, coloured segments), <b>Anomaly map</b> (heatmap over the volume, opacity, "
+            "threshold to segment), <b>Text query</b> (a segment and a markup where the text points; Enter runs it), "
+            "<b>Similar reports</b> and <b>Find cases</b> (retrieval tables; select a row to read the report). "
+            "Model work runs in a background worker process with progress and Cancel; a cancelled or failed "
+            "run leaves the scene as it was. Research use only, not for clinical use. "
+            '<a href="https://github.com/decipher-mr/DecipherMR#the-slicer-module">Documentation</a>.'
         )
         self.parent.acknowledgementText = (
-            "Re-implements Decipher-MR: A Vision-Language Foundation Model for 3D MRI Representations "
-            "(arXiv 2509.21249)."
+            "An open re-implementation of Decipher-MR. If you use it, please cite: "
+            "Decipher-MR: A Vision-Language Foundation Model for 3D MRI Representations, arXiv:2509.21249 (2025)."
         )
+
+
+@parameterNodeWrapper
+class DecipherMRParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    bundlePath: str = ""
+    device: str = "auto"
+    indexPath: str = ""
+    query: str = ""
+    opacity: float = 0.5
+    threshold: float = 0.5
+
+
+class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI only: the buttons start Logic calls and show what the runner reports."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DecipherMR.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DecipherMRLogic()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(50)
+        self._pollTimer.timeout.connect(self.onPoll)
+        runner = self.logic.runner
+        runner.stateChanged.connect(self.onRunStateChanged)
+        runner.progress.connect(self.onProgress)
+        runner.finished.connect(self.onFinished)
+        runner.failed.connect(self.onFailed)
+        runner.cancelled.connect(self.onCancelled)
+
+        settings = qt.QSettings()
+        self.ui.bundlePathLineEdit.filters = self.ui.bundlePathLineEdit.Dirs | self.ui.bundlePathLineEdit.Files
+        self.ui.bundlePathLineEdit.nameFilters = ["DecipherMR bundle (*.zip config.json)"]
+        self.ui.indexPathLineEdit.filters = self.ui.indexPathLineEdit.Dirs
+        self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
+
+        self.ui.segmentButton.clicked.connect(self.onSegment)
+        self.ui.anomalyButton.clicked.connect(self.onAnomaly)
+        self.ui.thresholdToSegmentButton.clicked.connect(self.onThresholdToSegment)
+        self.ui.opacitySlider.valueChanged.connect(self.onOpacityChanged)
+        self.ui.queryButton.clicked.connect(self.onQuery)
+        self.ui.queryLineEdit.returnPressed.connect(self.onQuery)
+        self.ui.similarReportsButton.clicked.connect(self.onSimilarReports)
+        self.ui.findCasesButton.clicked.connect(self.onFindCases)
+        self.ui.findCasesLineEdit.returnPressed.connect(self.onFindCases)
+        self.ui.loadCaseButton.clicked.connect(self.onLoadCase)
+        self.ui.cancelButton.clicked.connect(self.logic.runner.cancel)
+        self.ui.dependenciesButton.clicked.connect(self.onDependencies)
+        self.ui.openModelsFolderButton.clicked.connect(self.onOpenModelsFolder)
+        self.ui.clearModelsFolderButton.clicked.connect(self.onClearModelsFolder)
+        for button in (self.ui.dependenciesButton, self.ui.openModelsFolderButton, self.ui.clearModelsFolderButton):
+            button.enabled = True
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        if not self._parameterNode.bundlePath:
+            self._parameterNode.bundlePath = settings.value(BUNDLE_SETTING, "")
+            self._parameterNode.device = settings.value(DEVICE_SETTING, "auto")
+            self._parameterNode.indexPath = settings.value(INDEX_SETTING, "")
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        idle = not self.logic.runner.busy
+        ready = idle and bool(p.inputVolume and p.bundlePath)
+        self.ui.segmentButton.enabled = ready
+        self.ui.anomalyButton.enabled = ready
+        self.ui.queryButton.enabled = ready and bool(p.query.strip())
+        self.ui.similarReportsButton.enabled = ready and bool(p.indexPath)
+        self.ui.findCasesButton.enabled = idle and bool(p.bundlePath and p.indexPath)
+        self.ui.thresholdToSegmentButton.enabled = idle and self.logic.lastHeatmap is not None
+        self.ui.loadCaseButton.enabled = idle and self.logic.lastTable is not None
+        self.ui.cancelButton.enabled = self.logic.runner.state.value == "running"
+        if p.bundlePath:
+            settings = qt.QSettings()
+            settings.setValue(BUNDLE_SETTING, p.bundlePath)
+            settings.setValue(DEVICE_SETTING, p.device)
+            settings.setValue(INDEX_SETTING, p.indexPath)
+
+    # --- runs -------------------------------------------------------------------------------
+    def _run(self, start):
+        if not self.logic.dependenciesReady() and not self.onDependencies():
+            return
+        try:
+            p = self._parameterNode
+            self.logic.configure(p.bundlePath, p.device, index=p.indexPath or None)
+            start(p)
+        except Exception as exc:
+            logging.exception("DecipherMR could not start")
+            slicer.util.errorDisplay(f"DecipherMR could not start: {exc}")
+            return
+        self._pollTimer.start()
+
+    def onSegment(self):
+        self._run(lambda p: self.logic.segment(p.inputVolume))
+
+    def onAnomaly(self):
+        self._run(lambda p: self.logic.anomaly(p.inputVolume, opacity=p.opacity))
+
+    def onQuery(self):
+        if self.ui.queryButton.enabled:
+            self._run(lambda p: self.logic.query(p.inputVolume, p.query))
+
+    def onSimilarReports(self):
+        self._run(lambda p: self.logic.similarReports(p.inputVolume))
+
+    def onFindCases(self):
+        text = self.ui.findCasesLineEdit.text.strip()
+        if text and self.ui.findCasesButton.enabled:
+            self._run(lambda p: self.logic.findCases(text, p.inputVolume))
+
+    def onThresholdToSegment(self):
+        self.logic.thresholdToSegment(self._parameterNode.inputVolume, self._parameterNode.threshold)
+
+    def onOpacityChanged(self, value):
+        self.logic.setOpacity(value)
+
+    def onLoadCase(self):
+        row = self.ui.resultsTableView.currentIndex().row()
+        if row < 0:
+            slicer.util.infoDisplay("Select a row of the results table first.")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not load the case.", waitCursor=True):
+            node = self.logic.loadCase(row)
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+
+    def onResultSelected(self, current, previous=None):
+        if self.logic.lastTable is not None and current.row() >= 0:
+            self.ui.reportTextBrowser.setPlainText(self.logic.reportOfRow(current.row()))
+
+    # --- runner feedback (always on the GUI thread: the timer polls) ---------------------------
+    def onPoll(self):
+        if not self.logic.runner.poll():
+            self._pollTimer.stop()
+
+    def onRunStateChanged(self, state):
+        running = state.value != "idle"
+        self.ui.progressBar.visible = running
+        self.ui.cancelButton.text = "Cancelling…" if state.value == "cancelling" else "Cancel"
+        if running:
+            self.ui.progressBar.value = 0
+        self.updateButtons()
+
+    def onProgress(self, fraction, message):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+
+    def onFinished(self, name, result):
+        self.ui.statusLabel.text = f"{name}: done."
+        if self.logic.lastTable is not None and name in ("similar reports", "find cases"):
+            self.ui.resultsTableView.setMRMLTableNode(self.logic.lastTable)
+            for column in (4, 5):  # the full report and image path are shown on selection, not as columns
+                self.ui.resultsTableView.setColumnHidden(column, True)
+            self.ui.resultsTableView.selectionModel().currentRowChanged.connect(self.onResultSelected)
+            self.ui.retrievalCollapsibleButton.collapsed = False
+        self.updateButtons()
+
+    def onFailed(self, name, message, details):
+        self.ui.statusLabel.text = f"{name} failed; the scene was left as it was."
+        slicer.util.errorDisplay(f"DecipherMR {name} failed: {message}", detailedText=details)
+
+    def onCancelled(self, name):
+        self.ui.statusLabel.text = f"{name} cancelled; the scene was left as it was."
+
+    # --- dependencies and models folder ---------------------------------------------------------
+    def onDependencies(self):
+        """Show, once, everything that would be installed; install only after the user agrees."""
+        from DecipherMRLib.Dependencies import check_dependencies, install_missing, install_plan
+
+        torchLogic = self.logic.pytorchExtensionLogic()
+        requirements = check_dependencies(pytorch_extension=torchLogic is not None)
+        if not any(r.missing for r in requirements):
+            self.ui.statusLabel.text = "Everything DecipherMR needs is installed."
+            return True
+        if not slicer.util.confirmOkCancelDisplay(install_plan(requirements), "DecipherMR dependencies"):
+            return False
+        with slicer.util.tryWithErrorDisplay("Installing DecipherMR's dependencies failed.", waitCursor=True):
+            installTorch = (lambda: torchLogic.installTorch(askConfirmation=False)) if torchLogic else None
+            install_missing(requirements, slicer.util.pip_install, installTorch)
+            self.ui.statusLabel.text = "Dependencies installed."
+            return True
+        return False
+
+    def onOpenModelsFolder(self):
+        from DecipherMRLib.ModelsFolder import models_folder
+
+        folder = models_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    def onClearModelsFolder(self):
+        from DecipherMRLib.ModelsFolder import clear_models_folder, models_folder, models_folder_size
+
+        size = models_folder_size() / 2**20
+        if slicer.util.confirmOkCancelDisplay(f"Delete the unpacked bundles in {models_folder()} ({size:.0f} MiB)?"):
+            self.logic.shutdown()  # the worker may hold files of an unpacked bundle open
+            self.ui.statusLabel.text = f"Removed {clear_models_folder()} unpacked bundle(s)."
+
+
+class DecipherMRLogic(ScriptedLoadableModuleLogic):
+    """Thin: passes the scene to DecipherMRLib and the work to the persistent engine worker.
+
+    In Slicer's Python console::
+
+        logic = slicer.util.getModuleLogic("DecipherMR")
+        logic.configure("/data/decipher-demo-bundle.zip", "auto")
+        logic.segment(slicer.util.getNode("MRHead")); logic.runner.wait()
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        from DecipherMRLib.ModuleLogic import ModuleLogic
+
+        self.core = ModuleLogic(slicer.mrmlScene)
+
+    def __getattr__(self, name):
+        # Everything else (segment, anomaly, query, runner, lastTable, ...) is DecipherMRLib's.
+        if name == "core":
+            raise AttributeError(name)
+        return getattr(self.core, name)
+
+    def getParameterNode(self):
+        return DecipherMRParameterNode(super().getParameterNode())
+
+    def pytorchExtensionLogic(self):
+        """The PyTorch extension's logic when that extension is installed (it installs a fitting torch)."""
+        try:
+            import PyTorchUtils
+
+            return PyTorchUtils.PyTorchUtilsLogic()
+        except ImportError:
+            return None
+
+
+class DecipherMRTest(ScriptedLoadableModuleTest):
+    """Self-test: the Qt-free core on the application's scene with Slicer's sample MRHead."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_core_writes_segments_and_heatmap()
+
+    def test_core_writes_segments_and_heatmap(self):
+        import numpy as np
+        import SampleData
+        from DecipherMRLib import SegmentLabel, array_from_volume_node, same_geometry, write_heatmap, write_segmentation
+
+        self.delayDisplay("Loading MRHead")
+        volume = SampleData.downloadSample("MRHead")
+        array = array_from_volume_node(volume)
+        labels = (array > np.percentile(array, 90)).astype(np.uint8)
+        seg = write_segmentation(slicer.mrmlScene, volume, labels, [SegmentLabel(1, "bright", (1.0, 0.6, 0.0))])
+        self.assertEqual(seg.GetSegmentation().GetNthSegment(0).GetName(), "bright")
+        heat = write_heatmap(slicer.mrmlScene, volume, array.astype("float32") / array.max(), "MRHead heat")
+        self.assertTrue(same_geometry(heat, volume))
+        self.delayDisplay("DecipherMR core test passed")

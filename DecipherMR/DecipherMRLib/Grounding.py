@@ -65,11 +65,14 @@ def write_grounding(
     threshold: float | None = None,
     segmentation_node=None,
     jump: bool = True,
+    mask: np.ndarray | None = None,
+    peak_ijk=None,
 ) -> GroundingResult:
     """Turn a grounding heatmap into a segment named after the query plus a markup at its peak.
 
     ``threshold`` defaults to half-way between the map's median and its peak, which keeps the region
-    around the peak whatever the map's scale. Pass the same ``segmentation_node`` for follow-up queries so
+    around the peak whatever the map's scale; the engine's own ``mask`` and ``peak_ijk`` win when given.
+    Pass the same ``segmentation_node`` for follow-up queries so
     they gather in one node.
 
     >>> result = write_grounding(scene, input_node, scores, "lesion in the left frontal lobe")
@@ -78,14 +81,22 @@ def write_grounding(
     check_same_grid(heat, reference_node, f"grounding map for {segment_name_for_query(query)!r}")
     if not np.all(np.isfinite(heat)):
         raise ValueError("grounding map holds NaN or infinite values")
-    peak_ijk, peak_ras = peak_position(heat, reference_node)
-    if threshold is None:
-        threshold = float(np.median(heat) + 0.5 * (heat.max() - np.median(heat)))
+    if peak_ijk is None:
+        peak_ijk, peak_ras = peak_position(heat, reference_node)
+    else:
+        peak_ijk = tuple(int(v) for v in peak_ijk)
+        peak_ras = tuple(float(v) for v in (ijk_to_ras(reference_node) @ np.array([*peak_ijk, 1.0]))[:3])
+    if mask is None:
+        if threshold is None:
+            threshold = float(np.median(heat) + 0.5 * (heat.max() - np.median(heat)))
+        mask = heat >= threshold
+    else:
+        check_same_grid(mask, reference_node, "grounding mask")
     name = segment_name_for_query(query)
     seg_node = segmentation_node if segmentation_node is not None else new_segmentation_node(
         scene, reference_node, f"{reference_node.GetName()} queries"
     )
-    segment_id = mask_to_segment(scene, seg_node, reference_node, heat >= threshold, name, color=(0.1, 0.8, 1.0))
+    segment_id = mask_to_segment(scene, seg_node, reference_node, np.asarray(mask) > 0, name, color=(0.1, 0.8, 1.0))
 
     markup = slicer.vtkMRMLMarkupsFiducialNode()
     markup.SetName(scene.GenerateUniqueName(f"{name} peak"))
