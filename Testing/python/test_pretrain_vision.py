@@ -179,3 +179,31 @@ def test_teacher_export_from_the_command_line_loads_as_an_encoder(short_run, tmp
     for k, v in enc.state_dict().items():
         assert torch.equal(v, teacher[k]), k
     assert json.loads(out.with_suffix(".json").read_text())["embed_dim"] == 64
+
+
+def test_multicrop_views_have_the_configured_sizes_and_depend_only_on_the_key(prepared_demo_cache):
+    from decipher_mr.data.cache import PreparedCache
+    from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset, collate_multicrop
+
+    cache = PreparedCache(prepared_demo_cache)
+    # The global crop is deeper than any demo volume (at 3 mm): those axes are padded, not upsampled.
+    cfg = MultiCropConfig(global_size=(32, 32, 96), local_size=(16, 16, 8), n_local=3)
+    ds = MultiCropDataset(cache, None, cfg, seed=0)
+    a, again, other = ds[(0, 17)], ds[(0, 17)], ds[(0, 18)]
+    assert a["global"].shape == (2, 1, 32, 32, 96) and a["local"].shape == (3, 1, 16, 16, 8)
+    assert a["masks"].shape == (2, 4 * 4 * 12) and a["masks"].dtype == torch.bool
+    assert torch.equal(a["global"], again["global"]) and torch.equal(a["masks"], again["masks"])
+    assert not torch.equal(a["global"], other["global"])
+    batch = collate_multicrop([a, other])
+    assert batch["global"].shape == (4, 1, 32, 32, 96)
+    assert torch.equal(batch["global"][1], other["global"][0])  # crop-major: view 0 of every sample first
+
+
+def test_block_masks_hit_the_ratio_on_flat_mri_grids():
+    from decipher_mr.train.ssl.masking import block_mask
+
+    rng = np.random.default_rng(0)
+    for grid in [(32, 32, 3), (8, 8, 2), (4, 4, 1)]:
+        for ratio in (0.1, 0.3, 0.5):
+            m = block_mask(grid, ratio, rng)
+            assert abs(m.mean() - ratio) <= 0.1 + 1 / m.size, (grid, ratio, m.mean())
