@@ -333,26 +333,35 @@ class DecipherMRLogic(ScriptedLoadableModuleLogic):
 
 
 class DecipherMRTest(ScriptedLoadableModuleTest):
-    """Self-test: the Qt-free core on the application's scene with Slicer's sample MRHead."""
+    """Self-test of the Qt-free core on the application's scene (offline: a phantom, no sample download).
+
+    The full suites (real Colin27, a trained bundle, the worker) run with pytest: see the README.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_core_writes_segments_and_heatmap()
+        self.test_core_writes_segments_and_heatmap_on_an_oblique_volume()
 
-    def test_core_writes_segments_and_heatmap(self):
+    def test_core_writes_segments_and_heatmap_on_an_oblique_volume(self):
         import numpy as np
-        import SampleData
-        from DecipherMRLib import SegmentLabel, array_from_volume_node, same_geometry, write_heatmap, write_segmentation
+        from DecipherMRLib import SegmentLabel, add_volume_from_array, array_from_volume_node, same_geometry, write_heatmap, write_segmentation
 
-        self.delayDisplay("Loading MRHead")
-        volume = SampleData.downloadSample("MRHead")
-        array = array_from_volume_node(volume)
-        labels = (array > np.percentile(array, 90)).astype(np.uint8)
-        seg = write_segmentation(slicer.mrmlScene, volume, labels, [SegmentLabel(1, "bright", (1.0, 0.6, 0.0))])
-        self.assertEqual(seg.GetSegmentation().GetNthSegment(0).GetName(), "bright")
-        heat = write_heatmap(slicer.mrmlScene, volume, array.astype("float32") / array.max(), "MRHead heat")
+        self.delayDisplay("Building an oblique phantom")
+        carrier = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "carrier")
+        carrier.SetIJKToRASDirections(0.8, -0.6, 0, 0.6, 0.8, 0, 0, 0, 1)
+        carrier.SetSpacing(1.0, 1.0, 2.5)
+        grid = np.indices((48, 52, 40)).astype("float32")
+        phantom = np.exp(-((grid - np.array([24, 26, 20])[:, None, None, None]) ** 2).sum(0) / 200.0)
+        from DecipherMRLib.VolumeBridge import vtk_image_from_array
+
+        carrier.SetAndObserveImageData(vtk_image_from_array(phantom))
+        volume = add_volume_from_array(slicer.mrmlScene, phantom, carrier, "phantom")
+        labels = (array_from_volume_node(volume) > 0.5).astype(np.uint8)
+        seg = write_segmentation(slicer.mrmlScene, volume, labels, [SegmentLabel(1, "core", (1.0, 0.6, 0.0))])
+        self.assertEqual(seg.GetSegmentation().GetNthSegment(0).GetName(), "core")
+        heat = write_heatmap(slicer.mrmlScene, volume, phantom, "phantom heat")
         self.assertTrue(same_geometry(heat, volume))
         self.delayDisplay("DecipherMR core test passed")
