@@ -92,6 +92,9 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.bundlePathLineEdit.filters = self.ui.bundlePathLineEdit.Dirs | self.ui.bundlePathLineEdit.Files
         self.ui.bundlePathLineEdit.nameFilters = ["DecipherMR bundle (*.zip config.json)"]
         self.ui.indexPathLineEdit.filters = self.ui.indexPathLineEdit.Dirs
+        # Path edits are bound by hand: the parameter-node GUI connectors map them to pathlib types only.
+        self.ui.bundlePathLineEdit.currentPathChanged.connect(lambda path: self._setPath("bundlePath", path))
+        self.ui.indexPathLineEdit.currentPathChanged.connect(lambda path: self._setPath("indexPath", path))
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
 
         self.ui.segmentButton.clicked.connect(self.onSegment)
@@ -118,6 +121,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.bundlePath = settings.value(BUNDLE_SETTING, "")
             self._parameterNode.device = settings.value(DEVICE_SETTING, "auto")
             self._parameterNode.indexPath = settings.value(INDEX_SETTING, "")
+            self.setParameterNode(self._parameterNode)  # show the remembered paths
 
     def cleanup(self):
         self.removeObservers()
@@ -155,7 +159,13 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.ui.bundlePathLineEdit.currentPath = self._parameterNode.bundlePath
+            self.ui.indexPathLineEdit.currentPath = self._parameterNode.indexPath
             self.updateButtons()
+
+    def _setPath(self, name, path):
+        if self._parameterNode and getattr(self._parameterNode, name) != path:
+            setattr(self._parameterNode, name, path)
 
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
