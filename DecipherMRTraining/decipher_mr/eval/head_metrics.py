@@ -97,10 +97,15 @@ def box_metrics(pred_boxes: Sequence, truths: Sequence[np.ndarray]) -> float:
     return mean_ignoring_nan(box_iou(b, box_from_mask(t)) for b, t in zip(pred_boxes, truths))
 
 
-def voxel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_voxels: int = 400_000, seed: int = 0) -> float:
-    """AUROC of anomaly maps against lesion masks over all voxels (subsampled above ``max_voxels``)."""
-    s = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
-    y = np.concatenate([np.asarray(m).ravel() > 0 for m in masks])
+def voxel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], within: Sequence[np.ndarray] | None = None,
+                max_voxels: int = 400_000, seed: int = 0) -> float:
+    """AUROC of anomaly maps against lesion masks over voxels (those in ``within``, e.g. the body,
+    when given: air outside the body is not where anyone looks for a lesion), subsampled above
+    ``max_voxels``."""
+    keep_in = [np.ones(np.shape(m), bool) if within is None else np.asarray(w, bool) | (np.asarray(m) > 0)
+               for m, w in zip(masks, within if within is not None else masks)]
+    s = np.concatenate([np.asarray(m, dtype=np.float32)[k] for m, k in zip(maps, keep_in)])
+    y = np.concatenate([np.asarray(m)[k] > 0 for m, k in zip(masks, keep_in)])
     if s.size > max_voxels:
         keep = np.random.default_rng(seed).choice(s.size, max_voxels, replace=False)
         keep = np.union1d(keep, np.flatnonzero(y))

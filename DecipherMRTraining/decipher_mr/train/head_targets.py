@@ -61,10 +61,11 @@ class TaskTargets:
                 if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
                     t.values[i] = [float(v) for v in vals]
             train_vals = np.array([t.values[i] for i in train_idx if i in t.values], dtype=np.float64)
-            if not len(train_vals):
+            if len(train_idx) and not len(train_vals):
                 raise ValueError(f"{cache.root}: no training item has a numeric {target!r}")
-            t.mean = train_vals.mean(0).tolist()
-            t.std = np.maximum(train_vals.std(0), 1e-3).tolist()
+            if len(train_vals):
+                t.mean = train_vals.mean(0).tolist()
+                t.std = np.maximum(train_vals.std(0), 1e-3).tolist()
         elif task in ("segment", "localize"):
             if target == "lesion":
                 t.labels = ["background", "lesion"] if task == "segment" else ["lesion"]
@@ -92,17 +93,18 @@ class TaskTargets:
         self.text = embeddings
 
     # --- dense targets on the views ---------------------------------------------------------
-    def _label_view(self, i: int) -> np.ndarray:
+    def _label_view(self, i: int, full: bool = False) -> np.ndarray:
+        """The item's target labels on its training view (or, with ``full``, on the whole array)."""
+        fit = (lambda a: a) if full else (lambda a: centre_view(a, self.crop)[0])
         if self.target == "lesion" or self.task == "anomaly":
             mask = self.cache.load_mask(i)
             if mask is None:
-                return np.zeros(self.crop, dtype=np.uint8)
-            return centre_view((np.asarray(mask) > 0).astype(np.uint8), self.crop)[0]
+                return fit(np.zeros(self.cache.items[i].shape, dtype=np.uint8))
+            return fit((np.asarray(mask) > 0).astype(np.uint8))
         regions = load_regions(self.cache, i)
         if regions is None:
             raise ValueError(f"{self.cache.root}: item {self.cache.items[i].id} has no regions label map")
-        grouped = grouped_labels(regions, region_names(self.cache, self.cache.items[i]), self.groups)
-        return centre_view(grouped, self.crop)[0]
+        return fit(grouped_labels(regions, region_names(self.cache, self.cache.items[i]), self.groups))
 
     def attach(self, train_feats, val_feats) -> None:
         """Compute the view-space targets of every featurised item."""
@@ -154,7 +156,7 @@ class TaskTargets:
                 return {**m, "primary": m["accuracy"]}
             m = M.regression_metrics(pred, torch.tensor([self.values[f.index] for f in keep]))
             return {**m, "primary": -m["mae"]}
-        dice, auc_maps, auc_masks, ious, hits = [], [], [], [], []
+        dice, auc_maps, auc_masks, auc_body, ious, hits = [], [], [], [], [], []
         for f in feats:
             out = output_fn([f])
             image = f.image[None]
@@ -168,6 +170,7 @@ class TaskTargets:
                     dice.append(M.dice_hd95((amap >= 0.5).astype(np.int64), truth, 2)["dice"][0])
                 auc_maps.append(amap)
                 auc_masks.append(truth)
+                auc_body.append(f.image[0].numpy() > 0.05)
             elif task == "localize":
                 masks = self.structure_masks(f.index)
                 found = head.locate(out, image)[0]
@@ -185,7 +188,7 @@ class TaskTargets:
             return {"dice": d, "primary": d}
         if task == "anomaly":
             d = M.mean_ignoring_nan(dice)
-            auc = M.voxel_auroc(auc_maps, auc_masks) if any(m.any() for m in auc_masks) else float("nan")
+            auc = M.voxel_auroc(auc_maps, auc_masks, auc_body) if any(m.any() for m in auc_masks) else float("nan")
             return {"dice": d, "voxel_auroc": auc, "primary": auc}
         if task == "localize":
             return {"box_iou": M.mean_ignoring_nan(ious), "pointing": M.mean_ignoring_nan(hits), "primary": M.mean_ignoring_nan(ious)}
