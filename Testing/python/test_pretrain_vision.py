@@ -207,3 +207,26 @@ def test_block_masks_hit_the_ratio_on_flat_mri_grids():
         for ratio in (0.1, 0.3, 0.5):
             m = block_mask(grid, ratio, rng)
             assert abs(m.mean() - ratio) <= 0.1 + 1 / m.size, (grid, ratio, m.mean())
+
+
+def test_a_damaged_cache_item_is_skipped_with_a_warning_naming_it(prepared_demo_cache, tmp_path):
+    from decipher_mr.data.cache import PreparedCache
+    from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset
+
+    cache_copy = tmp_path / "cache"
+    shutil.copytree(prepared_demo_cache, cache_copy)
+    cache = PreparedCache(cache_copy)
+    damaged = cache_copy / cache.items[0].array
+    damaged.write_bytes(b"\x93NUMPY garbage")
+    ds = MultiCropDataset(cache, None, MultiCropConfig(global_size=(32, 32, 16), local_size=(16, 16, 8), n_local=1))
+    with pytest.warns(RuntimeWarning, match=damaged.name):
+        views = ds[(0, 0)]
+    assert views["global"].shape == (2, 1, 32, 32, 16)
+
+
+def test_repeated_non_finite_steps_abort_with_a_clear_message(prepared_demo_cache, tmp_path):
+    cfg = tiny_config(prepared_demo_cache, tmp_path / "run", "train.iterations=20", "optim.lr=1e30",
+                      "optim.warmup_iterations=0", "optim.clip_grad=0", "train.max_nan_in_a_row=3",
+                      "train.checkpoint_every=100")
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss or gradient"):
+        train(cfg)

@@ -16,6 +16,7 @@ the crop it is padded with its minimum value (the background after normalisation
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +79,8 @@ def sample_box(shape: tuple[int, ...], size: tuple[int, int, int], inplane: tupl
 
 def crop_resized(volume: np.ndarray, box: tuple[slice, ...], size: tuple[int, int, int]) -> torch.Tensor:
     """The (1, X, Y, Z) float32 crop, area-downsampled to ``size`` and padded where the volume is smaller."""
-    region = torch.from_numpy(np.ascontiguousarray(volume[box], dtype=np.float32))
+    # A copy: the cache is memory-mapped read-only and the crop must be writable (and own its memory).
+    region = torch.from_numpy(np.array(volume[box], dtype=np.float32, copy=True))
     out = tuple(min(e, c) for e, c in zip(region.shape, size))
     if tuple(region.shape) != out:
         region = F.adaptive_avg_pool3d(region[None, None], out)[0, 0]
@@ -133,6 +135,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.mask_cfg = mask_cfg or BlockMaskConfig()
         self.grid = tuple(-(-s // p) for s, p in zip(self.cfg.global_size, patch_size))
         self.seed = seed
+        self.bad_items: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -143,13 +146,19 @@ class MultiCropDataset(torch.utils.data.Dataset):
         else:
             index, key = index_and_key, index_and_key
         rng = np.random.default_rng([self.seed, int(key)])
-        item = self.indices[index]
-        try:
-            volume = self.cache.load(item)
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(f"{self.cache.root / self.cache.items[item].array}: cannot read prepared array ({exc})") from exc
-        if volume.ndim != 3:
-            raise RuntimeError(f"{self.cache.root / self.cache.items[item].array}: expected a 3D array, got shape {volume.shape}")
+        volume = None
+        # A bad item must not stop a long run: warn (naming the file) and use the next item instead.
+        for attempt in range(len(self.indices)):
+            item = self.indices[(index + attempt) % len(self.indices)]
+            try:
+                volume = self._load(item)
+                break
+            except RuntimeError as exc:
+                if item not in self.bad_items:
+                    self.bad_items.add(item)
+                    warnings.warn(f"skipping a bad training item: {exc}", RuntimeWarning, stacklevel=2)
+        if volume is None:
+            raise RuntimeError(f"{self.cache.root}: none of the {len(self.indices)} selected items could be read")
         c = self.cfg
         views = []
         for v, strength in ((0, 1.0), (1, 0.5)):
@@ -166,6 +175,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
             "masks": torch.from_numpy(masks),
             "key": torch.tensor(int(key)),
         }
+
+    def _load(self, item: int) -> np.ndarray:
+        path = self.cache.root / self.cache.items[item].array
+        try:
+            volume = self.cache.load(item)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{path}: cannot read the prepared array ({exc})") from exc
+        if volume.ndim != 3 or min(volume.shape) < 1:
+            raise RuntimeError(f"{path}: expected a non-empty 3D array, got shape {volume.shape}")
+        if not np.isfinite(volume[:: max(1, volume.shape[0] // 8)]).all():
+            raise RuntimeError(f"{path}: the prepared array holds NaN or infinite values")
+        return volume
 
     def _augment(self, x: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:
         if rng.random() < self.cfg.flip_probability:
