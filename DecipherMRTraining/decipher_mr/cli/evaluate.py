@@ -6,8 +6,14 @@ retrieval top-3, and zero-shot body region / sequence / lesion classification fr
 as "MRI of the knee", "T2-weighted MRI", "lesion in the left frontal lobe" vs "normal study".
 Writes retrieval.json and retrieval.md (numbers only, never report text).
 
+`heads` evaluates train-head runs on held-out items next to trivial baselines (majority class, mean,
+empty mask, constant map, centre point); for a segmentation head it also trains MONAI SegResNet from
+scratch with the same split and wall-clock budget and prints both Dice values and the time each
+needs to reach SegResNet's final Dice. Writes heads.json, heads.md and PNG figures.
+
 example:
   decipher-mr evaluate retrieval --checkpoint runs/align --cache demo/cache --split test
+  decipher-mr evaluate heads --run runs/heads/segment --cache demo/cache --split val test
 """
 
 from __future__ import annotations
@@ -28,11 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--image-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="image view size (default: the one the model was aligned with)")
     r.add_argument("--no-progress", action="store_true")
+    h = sub.add_parser("heads", help="held-out metrics of trained task heads vs. trivial baselines (+ SegResNet for segment)")
+    h.add_argument("--run", required=True, nargs="+", help="train-head run folder(s); --fraction runs give the low-data curve")
+    h.add_argument("--cache", required=True, help="prepared cache folder")
+    h.add_argument("--split", default="test", nargs="+", help="split(s) to evaluate (default: test)")
+    h.add_argument("--out", help="folder for heads.json/.md and figures (default: FIRST_RUN/eval-heads)")
+    h.add_argument("--baseline-budget", type=float, help="seconds for the SegResNet baseline (default: the head's training time)")
+    h.add_argument("--no-baseline", action="store_true", help="skip the SegResNet comparison")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "retrieval":
         return _retrieval(args)
+    if args.what == "heads":
+        from decipher_mr.cli.evaluate_heads import run_heads
+
+        return run_heads(args)
     print(f"evaluate: unknown evaluation {args.what!r}", file=sys.stderr)
     return 2
 

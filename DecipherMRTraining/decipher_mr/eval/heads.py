@@ -145,7 +145,8 @@ def evaluate_head(run: str | Path, cache: PreparedCache, splits: Sequence[str] =
                 result["examples"].append({"id": cache.items[f.index].id, "image": f.image[0].numpy(), "truth": m, "heat": heat})
     key = "box_iou" if task == "localize" else "heatmap_miou"
     result["metrics"] = {key: M.mean_ignoring_nan(ious), "pointing": M.mean_ignoring_nan(hits), "pairs": len(hits)}
-    result["baseline"] = {"pointing": M.mean_ignoring_nan(centre_hits), "name": "centre point"}
+    result["baseline"] = {"pointing": M.mean_ignoring_nan(centre_hits),
+                          "name": "centre point" if task == "ground" else "centre point; whole view as box"}
     if task == "localize":
         result["baseline"]["box_iou"] = M.mean_ignoring_nan(view_ious)
     return result
@@ -160,3 +161,36 @@ def _training_majority(record: dict[str, Any], cache: PreparedCache, targets) ->
     values = [item_value(cache.items[i], targets.target) for i in idx]
     codes = [targets.labels.index(str(v)) for v in values if v is not None and str(v) in targets.labels]
     return int(np.bincount(codes).argmax()) if codes else 0
+
+
+def compare_with_segresnet(run: str | Path, cache: PreparedCache, budget_s: float | None = None) -> dict[str, Any]:
+    """Train SegResNet from scratch on the head's training split and views for the head's wall-clock
+    budget; report both Dice values and the time each needs to reach SegResNet's final Dice.
+
+    >>> cmp = compare_with_segresnet("runs/heads/segment", PreparedCache("demo/cache"))
+    """
+    import json
+
+    from decipher_mr.train.heads import select_items
+
+    from .segresnet_baseline import time_to_reach, train_segresnet_baseline
+
+    run = Path(run)
+    hist = json.loads((run / "history.json").read_text())
+    head, record, _, _ = load_run(run)
+    if record["task"] != "segment":
+        raise ValueError(f"{run}: the SegResNet comparison is for segmentation heads, not {record['task']!r}")
+    training = record.get("training", {})
+    where = training.get("where", {}) or {}
+    from decipher_mr.train.heads import subsample
+
+    train_idx = subsample(select_items(cache, "train", where), float(training.get("fraction", 1.0)), 0)
+    val_idx = select_items(cache, "val", where)
+    targets = _targets_for(record, cache, train_idx + val_idx)
+    budget = float(budget_s if budget_s is not None else hist["total_seconds"])
+    base = train_segresnet_baseline(cache, train_idx, val_idx, targets, record["config"]["crop"], budget)
+    head_curve = [{"elapsed_s": h["elapsed_s"], "dice": h["val"].get("dice")} for h in hist["history"]]
+    level = base["final_dice"]
+    return {"run": str(run), "baseline": base, "head_final_dice": head_curve[-1]["dice"] if head_curve else float("nan"),
+            "head_time_to_baseline": time_to_reach(head_curve, "dice", level),
+            "baseline_time_to_baseline": time_to_reach(base["history"], "dice", level)}
