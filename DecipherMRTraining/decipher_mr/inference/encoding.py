@@ -27,7 +27,6 @@ from decipher_mr.data.volume import Volume
 # 4096 tokens = the 256x256x24 training crop plus headroom; beyond that attention cost (N^2) and
 # memory grow faster than the context helps, so large volumes are windowed.
 DEFAULT_MAX_TOKENS = 4096
-DEFAULT_WINDOW = (16, 16, 16)  # patches per window side (128 voxels)
 DEFAULT_HALO = 2  # patches of context on each side of a window's core
 
 ProgressFn = Callable[[str, float], None]
@@ -170,13 +169,13 @@ def _block_progress(encoder, on_block: Callable[[int], None]):
 
 @torch.inference_mode()
 def encode_prepared(encoder, prepared: np.ndarray, layers: Sequence[int] = (), device: torch.device | str = "cpu",
-                    autocast: Any = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                    window: Sequence[int] = DEFAULT_WINDOW, halo: int = DEFAULT_HALO,
+                    autocast: Any = None, max_tokens: int = DEFAULT_MAX_TOKENS, halo: int = DEFAULT_HALO,
                     progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], dict[int, torch.Tensor], int]:
     """Encode a prepared array: ``(cls (D,), patch_tokens (N, D), grid, layers, windows)``, float32 on CPU.
 
     ``autocast`` is a context manager factory (e.g. bf16 autocast) or ``None``. ``progress(stage,
-    fraction)`` is called before every transformer block; it may raise to cancel.
+    fraction)`` is called before every transformer block; it may raise to cancel. Beyond
+    ``max_tokens`` patches the grid is encoded in cubic windows of about ``max_tokens`` patches.
 
     >>> cls, tokens, grid, layers, n = encode_prepared(encoder, arr, layers=(1, 2))
     """
@@ -192,7 +191,9 @@ def encode_prepared(encoder, prepared: np.ndarray, layers: Sequence[int] = (), d
         tiles = [(tuple(slice(0, g) for g in grid),) * 3]
         x_full = torch.from_numpy(prepared)[None, None]  # shares memory with the array: no copy
     else:
-        tiles = grid_tiles(grid, [min(g, w) for g, w in zip(grid, window)], halo)
+        side = max(4, int(round(max_tokens ** (1 / 3))))  # cubic windows of about max_tokens patches
+        window = [min(g, side) for g in grid]
+        tiles = grid_tiles(grid, window, min(halo, side // 4))
         pad = [g * p - s for g, p, s in zip(grid, patch, prepared.shape)]
         x_full = torch.nn.functional.pad(torch.from_numpy(prepared)[None, None], (0, pad[2], 0, pad[1], 0, pad[0]))
     state = {"tile": 0}
