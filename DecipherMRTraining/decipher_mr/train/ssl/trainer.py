@@ -106,6 +106,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C/SIGTERM to the main process, which checkpoints and then shuts
+    them down; a worker dying on the terminal's SIGINT would otherwise abort the run mid-step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,6 +199,7 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
         dataset, batch_size=per_rank, sampler=sampler, num_workers=int(dc.get("num_workers", 0)),
         collate_fn=collate_multicrop, pin_memory=ctx.device.type == "cuda", drop_last=True,
         persistent_workers=False, prefetch_factor=2 if int(dc.get("num_workers", 0)) else None,
+        worker_init_fn=_ignore_stop_signals,
     )
     monitor = TrainingMonitor(run_dir, total=stop_at, start=start, enabled=ctx.is_main and tc.get("progress", True),
                               desc="pretrain-vision", log_every=tc["log_every"], tensorboard=tc.get("tensorboard", True))
