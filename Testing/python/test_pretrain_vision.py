@@ -71,7 +71,7 @@ def test_loss_goes_down_on_the_demo_cache(prepared_demo_cache, tmp_path):
     assert (tmp_path / "run" / "encoder.safetensors").exists()
 
 
-def _wait_for_iterations(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+def _wait_for_iterations(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         f = run_dir / "metrics.jsonl"

@@ -145,7 +145,7 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
     gives ``{"epoch", "index"}`` = the next sample this rank will yield; it counts what was handed
     out; with DataLoader workers prefetching ahead, store :meth:`position_after` (samples consumed) instead.
     With ``with_keys=True`` it yields ``(item, key)`` pairs, ``key`` being the sample's position in the
-    global stream (identical for any world size with the same global order): a seed for its augmentation.
+    global stream (the same for any world size when n is a multiple of it): a seed for its augmentation.
 
     >>> sampler = ResumableDistributedSampler(len(dataset), seed=0)
     >>> sampler.load_state_dict({"epoch": 3, "index": 5})
