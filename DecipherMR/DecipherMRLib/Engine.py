@@ -96,12 +96,151 @@ class InProcessEngine:
         self._session = None
 
 
+# How long a cancelled request may take to answer before the worker is stopped outright (a long
+# native call cannot see the cancel; the next run starts a fresh worker).
+CANCEL_GRACE_S = 15.0
+
+
+class WorkerEngine:
+    """The persistent ``decipher-mr worker`` process, through ``decipher_mr.inference.client``.
+
+    Volumes go to the worker as NRRD files (full-precision geometry) in a private temporary folder,
+    one file per distinct volume, so repeated queries on a volume send nothing new and hit the worker's
+    encoder cache. Result files are read back on the runner's thread and deleted.
+
+    >>> engine = WorkerEngine("demo/bundle.zip", device="auto", index="demo/index")
+    >>> result = engine.ground(volume, "left frontal lobe", progress=lambda f, m: None, cancel=threading.Event())
+    """
+
+    def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None) -> None:
+        import tempfile
+        from pathlib import Path
+
+        self.bundle, self.device, self.index = str(bundle), device, index
+        self.python = python
+        self.folder = Path(tempfile.mkdtemp(prefix="decipher-mr-slicer-"))
+        self._client = None
+        self._handle = None
+        self._lock = threading.Lock()
+
+    # --- the worker process ----------------------------------------------------------------------
+    def client(self, progress: ProgressFn):
+        from decipher_mr.inference.client import WorkerClient
+
+        from .Dependencies import worker_python
+
+        if self._client is None or not self._client.alive:
+            progress(0.0, "Starting the DecipherMR worker and loading the model")
+            self._client = WorkerClient(self.bundle, device=self.device, out=str(self.folder / "out"), python=self.python or worker_python())
+            self._client.start()
+        return self._client
+
+    def _volume_file(self, volume) -> str:
+        import hashlib
+
+        import numpy as np
+
+        from decipher_mr.data.volume import write_volume
+
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(np.ascontiguousarray(volume.array).tobytes())
+        digest.update(repr((volume.array.dtype.str, volume.shape, volume.spacing, volume.origin, volume.direction.round(9).tolist())).encode())
+        path = self.folder / "in" / f"{digest.hexdigest()}.nrrd"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_volume(volume, path)
+        return str(path)
+
+    def _request(self, method: str, params: dict, progress: ProgressFn, cancel: threading.Event) -> dict:
+        import time
+
+        from decipher_mr.inference.client import RequestCancelled
+
+        with self._lock:
+            client = self.client(progress)
+            if cancel.is_set():
+                raise RequestCancelled("cancelled before it started", "cancelled")
+
+            def on_progress(msg: dict) -> None:
+                progress(float(msg.get("fraction", 0.0)), STAGE_NAMES.get(msg.get("stage"), str(msg.get("stage", ""))))
+
+            handle = client.submit(method, {**params, "format": "nrrd"} if "volume" in params else params, on_progress)
+            self._handle = handle
+            cancelled_at = None
+            try:
+                while True:
+                    try:
+                        return handle.result(timeout=0.1)
+                    except TimeoutError:
+                        if cancel.is_set() and cancelled_at is None:
+                            cancelled_at = time.monotonic()
+                            handle.cancel()
+                        elif cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                            client.kill()
+            finally:
+                self._handle = None
+
+    def _read(self, path: str):
+        import os
+
+        from decipher_mr.data.io import read_volume
+
+        try:
+            return read_volume(path, allow_constant=True)
+        finally:
+            os.unlink(path)
+
+    def _heatmap(self, answer: dict) -> dict:
+        return {
+            "heatmap": self._read(answer["file"]),
+            "mask": self._read(answer["mask_file"]),
+            "peak_ijk": answer.get("peak_ijk"),
+            "threshold": answer.get("threshold"),
+            "query": answer.get("query"),
+        }
+
+    # --- the calls the module makes ----------------------------------------------------------------
+    def segment(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
+        answer = self._request("segment", {"volume": self._volume_file(volume)}, progress, cancel)
+        return {"labels": self._read(answer["file"]), "label_names": list(answer.get("labels", []))}
+
+    def anomaly(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
+        return self._heatmap(self._request("anomaly", {"volume": self._volume_file(volume)}, progress, cancel))
+
+    def ground(self, volume, text: str, progress: ProgressFn, cancel: threading.Event) -> dict:
+        return self._heatmap(self._request("ground", {"volume": self._volume_file(volume), "text": text}, progress, cancel))
+
+    def similar_reports(self, volume, progress: ProgressFn, cancel: threading.Event, k: int = 10) -> list:
+        params = {"volume": self._volume_file(volume), "index": self._need_index(), "k": int(k)}
+        return self._request("retrieve_reports", params, progress, cancel)["hits"]
+
+    def find_cases(self, text: str, progress: ProgressFn, cancel: threading.Event, k: int = 10) -> list:
+        params = {"text": text, "index": self._need_index(), "k": int(k), "space": "image"}
+        return self._request("search_text", params, progress, cancel)["hits"]
+
+    _need_index = InProcessEngine._need_index
+
+    def cancel(self) -> None:
+        """Ask the worker to stop the running request (called on the GUI thread)."""
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+
+    def close(self) -> None:
+        """Stop the worker and delete the temporary files."""
+        import shutil
+
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def default_engine_factory():
     """The worker backend when the engine's client is installed, else the in-process one.
 
     >>> engine = default_engine_factory()("demo/bundle.zip", device="auto", index=None)
     """
-    worker = globals().get("WorkerEngine")
-    if worker is not None and importlib.util.find_spec("decipher_mr.inference.client") is not None:
-        return worker
+    if importlib.util.find_spec("decipher_mr.inference.client") is not None:
+        return WorkerEngine
     return InProcessEngine

@@ -36,7 +36,7 @@ def map_array(value: Any, reference_node, what: str) -> np.ndarray:
     if isinstance(value, (str, Path)):
         from decipher_mr.data.io import read_volume
 
-        value = read_volume(value)
+        value = read_volume(value, allow_constant=True)
     array = np.asarray(getattr(value, "array", value))
     shape = tuple(reference_node.GetImageData().GetDimensions())
     if array.shape != shape:

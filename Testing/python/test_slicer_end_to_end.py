@@ -34,7 +34,7 @@ def bundle_and_index(prepared_demo_cache, demo_corpus, tmp_path_factory):
     from decipher_mr.inference import Session
 
     work = tmp_path_factory.mktemp("slicer_bundle")
-    bundle = build_test_bundle(prepared_demo_cache, work)
+    bundle = build_test_bundle(prepared_demo_cache, work, tasks=("segment", "anomaly", "ground"))
     build_index(Session.from_bundle(bundle, device="cpu", heads=[]), demo_corpus, work / "index", progress=False)
     return bundle, work / "index"
 
@@ -147,3 +147,109 @@ def test_an_engine_error_reaches_the_user_and_changes_nothing(module):
     assert scene.GetNumberOfNodes() == before
     with pytest.raises(ValueError, match="type what"):
         logic.query(t1, "   ")
+
+
+# --- the same panel actions through the persistent worker process --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_module(bundle_and_index):
+    """One scene and one worker shared by the worker tests (starting a worker loads torch and the bundle)."""
+    pytest.importorskip("decipher_mr.inference.client")
+    from DecipherMRLib.Engine import WorkerEngine
+
+    bundle, index = bundle_and_index
+    scene = slicer.vtkMRMLScene()
+    t1 = slicer.vtkMRMLScalarVolumeNode()
+    t1.SetName("Colin27")
+    scene.AddNode(t1)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(assets.colin27_t1()))
+    t1.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(t1)
+    logic = ModuleLogic(scene, engine_factory=WorkerEngine)
+    logic.configure(str(bundle), device="cpu", index=str(index))
+    events = []
+    logic.runner.failed.connect(lambda name, message, details: events.append(("failed", name, message)))
+    logic.runner.cancelled.connect(lambda name: events.append(("cancelled", name)))
+    logic.runner.finished.connect(lambda name, result: events.append(("finished", name)))
+    logic.runner.progress.connect(lambda fraction, message: events.append(("progress", message)))
+    yield scene, t1, logic, events
+    logic.shutdown()
+
+
+def busy_worker(logic):
+    """Give the worker a slow request of its own (an unseen volume), so the next one waits in its queue."""
+    client = logic.engine().client(lambda fraction, message: None)
+    return client.submit("segment", {"volume": str(assets.colin27_t1("ch2bet"))})
+
+
+def wait_until_submitted(logic, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while logic.engine()._handle is None:
+        assert time.monotonic() < deadline, "the runner never sent its request"
+        time.sleep(0.005)
+
+
+def test_segment_query_and_retrieval_through_the_worker_with_progress(worker_module):
+    scene, t1, logic, events = worker_module
+    logic.segment(t1)
+    assert logic.runner.wait(timeout=300) is RunState.IDLE
+    assert events[-1] == ("finished", "segment"), events[-1]
+    assert any(kind == "progress" and "Encoding" in message for kind, message in [e[:2] for e in events if e[0] == "progress"])
+    seg = scene.GetNodesByClass("vtkMRMLSegmentationNode").GetItemAsObject(0)
+    assert seg.GetSegmentation().GetNumberOfSegments() > 0
+
+    logic.query(t1, "lesion in the left frontal lobe")
+    logic.runner.wait(timeout=300)
+    logic.query(t1, "left occipital lobe")
+    logic.runner.wait(timeout=300)
+    assert [e for e in events if e[0] != "progress"][-2:] == [("finished", "query"), ("finished", "query")]
+    stats = logic.engine().client(lambda f, m: None).request("info", timeout=60)["stats"]
+    assert stats["encoder_passes"] == 1  # the worker kept the encoded volume: queries ran no encoder pass
+
+    logic.similarReports(t1, k=2)
+    logic.runner.wait(timeout=300)
+    assert events[-1] == ("finished", "similar reports")
+    assert logic.lastTable.GetNumberOfRows() == 2 and retrieval_row(logic.lastTable, 0).study
+    leftovers = [p for p in (logic.engine().folder / "out").rglob("*") if p.is_file()]
+    assert not leftovers, leftovers  # result files are read back and removed
+
+
+def test_cancel_while_queued_in_the_worker_leaves_the_scene_unchanged(worker_module):
+    scene, t1, logic, events = worker_module
+    before = scene.GetNumberOfNodes()
+    slow = busy_worker(logic)
+    logic.anomaly(t1)
+    wait_until_submitted(logic)
+    logic.runner.cancel()
+    assert logic.runner.state is RunState.CANCELLING
+    assert logic.runner.wait(timeout=300) is RunState.IDLE
+    assert events[-1] == ("cancelled", "anomaly map")
+    assert scene.GetNumberOfNodes() == before
+    slow.result(timeout=300)
+
+
+def test_a_crashed_worker_is_a_clear_error_and_the_next_run_starts_a_new_one(worker_module):
+    import os
+    import signal
+
+    scene, t1, logic, events = worker_module
+    before = scene.GetNumberOfNodes()
+    busy_worker(logic)
+    logic.segment(t1)
+    wait_until_submitted(logic)
+    first_pid = logic.engine()._client.process.pid
+    os.kill(first_pid, signal.SIGKILL)
+    assert logic.runner.wait(timeout=300) is RunState.IDLE
+    kind, name, message = events[-1]
+    assert (kind, name) == ("failed", "segment") and "killed by signal 9" in message
+    assert scene.GetNumberOfNodes() == before
+
+    logic.segment(t1)
+    assert logic.runner.wait(timeout=300) is RunState.IDLE
+    assert events[-1] == ("finished", "segment")
+    assert logic.engine()._client.process.pid != first_pid
