@@ -188,3 +188,12 @@ def test_train_head_cli_names_a_missing_cache(tmp_path, capsys):
     rc = main(["train-head", "--task", "segment", f"cache={tmp_path / 'nope'}", f"output={tmp_path / 'o'}", "progress=false"])
     assert rc == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_rerun_resumes_from_the_checkpoint_and_keeps_the_learning_curve(prepared_demo_cache, tmp_path):
+    cfg = {**HEAD_DEFAULTS, "task": "classify", "cache": str(prepared_demo_cache), "output": str(tmp_path / "r"),
+           "iterations": 4, "checkpoint_every": 2, "eval_every": 2, "progress": False, "head": {"crop": [32, 32, 32]}}
+    first = train_head(cfg)
+    assert [h["iteration"] for h in first["history"]] == [2, 4]
+    again = train_head({**cfg, "iterations": 6})
+    assert [h["iteration"] for h in again["history"]] == [2, 4, 6]

@@ -252,7 +252,8 @@ def train_head(cfg: dict[str, Any]) -> dict[str, Any]:
                 history.append({"iteration": it + 1, "elapsed_s": clock(), "loss": float(loss.detach()), "val": val})
                 metrics.update({f"val/{n}": v for n, v in val.items() if isinstance(v, (int, float))})
             monitor.step(it + 1, metrics, samples=len(batch))
-            if (it + 1) % cfg["checkpoint_every"] == 0 and not last:
+            # The last iteration is checkpointed too, so re-running a finished run is a no-op.
+            if (it + 1) % cfg["checkpoint_every"] == 0 or last:
                 save_checkpoint(ckpt_root, it + 1, modules, {"adamw": opt},
                                 {"history": history, "elapsed_s": clock() - feature_s}, arch, keep=cfg["keep_checkpoints"])
     finally:
