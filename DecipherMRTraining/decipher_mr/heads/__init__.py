@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-import torch
 from torch import nn
 
 from .configs import (

@@ -8,7 +8,6 @@ target of a token is the fraction of its voxels inside the named region.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

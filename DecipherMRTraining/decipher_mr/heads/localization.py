@@ -8,7 +8,6 @@ its output inspectable (the heatmap is shown next to the box).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
