@@ -16,6 +16,14 @@ Every head is called the same way, after one encoder pass::
     out = encoder(image, return_layers=head.required_layers)      # EncoderOutput
     y = head(out, image=image, text=text_embedding)                # what y is depends on the task
 
+What ``y`` is: classify -> logits (B, K); regress -> values (B, K) in the target's units; segment ->
+logits (B, K, X, Y, Z); anomaly -> use ``head.anomaly_map(out, image)`` for the [0, 1] map (forward
+gives logits for the supervised head, the map for the unsupervised one); ground -> logits
+(B, 1, X, Y, Z), ``head.ground(out, image, text)`` adds mask, box and peak; localize -> logits
+(B, K, X, Y, Z), ``head.locate(out, image)`` gives a box and peak per structure. Dense heads
+handle volumes larger than ``config.crop`` with :func:`decipher_mr.heads.dense.predict_volume`
+(sliding windows); ``head.required_layers`` says which encoder blocks to return.
+
 :func:`save_head` / :func:`load_head` write and read the four pieces (atomic, checksummed via the
 folder manifest); :func:`build_head` makes a fresh head from ``(task, config)``.
 """
