@@ -72,3 +72,19 @@ def build_test_bundle(cache: Path, work: Path, tasks: Sequence[str] = TASKS, ite
     out = work / "bundle"
     write_bundle(out, model=model, heads=exports, preprocess=PreprocessConfig(target_spacing=TEST_SPACING), name=name)
     return out
+
+
+_BUILT: dict[tuple[str, int], Path] = {}
+
+
+def shared_test_bundle(cache: Path, tmp_path_factory, seed: int = 0) -> Path:
+    """:func:`build_test_bundle` once per test process (several test modules share one bundle).
+
+    >>> @pytest.fixture(scope="module")
+    ... def bundle(prepared_demo_cache, tmp_path_factory):
+    ...     return shared_test_bundle(prepared_demo_cache, tmp_path_factory)
+    """
+    key = (str(cache), seed)
+    if key not in _BUILT or not _BUILT[key].is_dir():
+        _BUILT[key] = build_test_bundle(cache, tmp_path_factory.mktemp(f"test_bundle_{seed}"), seed=seed)
+    return _BUILT[key]
