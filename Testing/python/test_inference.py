@@ -169,14 +169,15 @@ def test_a_large_volume_is_encoded_in_windows_with_outputs_in_its_geometry(bundl
 def test_segmentation_decodes_in_windows_beyond_a_few_training_views(bundle, colin):
     from decipher_mr.data.preprocess import PreprocessConfig
     from decipher_mr.bundle import load_bundle
-    from decipher_mr.inference.decoding import SINGLE_PASS_VIEWS
+    from decipher_mr.inference.decoding import SINGLE_PASS_VIEWS, WINDOW_VIEWS
 
     b = load_bundle(bundle)
-    b.preprocess = PreprocessConfig(target_spacing=(1.5, 1.5, 1.5))  # a finer grid than the head's view
+    b.preprocess = PreprocessConfig(target_spacing=(1.0, 1.0, 1.0))  # a finer grid than the head's view
     s = Session(b, device="cpu")
     enc = s.encode(colin)
     view = np.prod([c // 8 for c in b.heads["lobes"].config.crop])
     assert np.prod(enc.grid) > SINGLE_PASS_VIEWS * view
+    assert any(g > WINDOW_VIEWS * c // 8 for g, c in zip(enc.grid, b.heads["lobes"].config.crop))  # several windows
     seg = s.segment(colin)
     assert_in_geometry(seg.labels, colin)
     assert len(np.unique(seg.labels.array)) >= 1

@@ -2,11 +2,11 @@
 
 Heads that read tokens only (grounding, localization, the unsupervised anomaly model, probes) run
 once over the whole token grid. Decoders with full-resolution convolutions (segmentation,
-supervised anomaly) run window by window on the patch grid when the volume is larger than the
-head's training view: each window is the view the head was trained on, carries a halo of
-neighbouring patches for context, and only its core is kept. That bounds memory by the window, not
-by the volume (a 512x512x160 series decodes in a few hundred MB), and matches training, where the
-decoder's instance norms only ever saw one view at a time.
+supervised anomaly) run window by window on the patch grid when the volume is larger than a few of
+the head's training views: each window spans two views per side, carries a halo of neighbouring
+patches for context, and only its core is kept. That bounds memory by the window, not by the
+volume (a 512x512x160 series decodes in a few hundred MB), and stays close to training, where the
+decoder's instance norms saw one view at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .encoding import EncodedVolume, grid_tiles
 
 PATCH = 8
 SINGLE_PASS_VIEWS = 4
+WINDOW_VIEWS = 2
 
 
 def _image(enc: EncodedVolume, device) -> torch.Tensor:
@@ -36,24 +37,25 @@ def token_head_maps(head, enc: EncodedVolume, device, text: torch.Tensor | None 
 
 @torch.inference_mode()
 def decoder_logits(head, enc: EncodedVolume, device, progress: Callable[[str, float], None] | None = None,
-                   halo: int = 2) -> torch.Tensor:
+                   halo: int = 1) -> torch.Tensor:
     """(C, X, Y, Z) logits of a full-resolution decoder head over the whole prepared array.
 
     >>> logits = decoder_logits(bundle.heads["tissue"], session.encode(vol), "cpu")
     """
     crop = list(getattr(head.config, "crop", None) or [64, 64, 64])
-    window = [max(1, math.ceil(int(c) / PATCH)) for c in crop]
+    view = [max(1, math.ceil(int(c) / PATCH)) for c in crop]
     grid = enc.grid
     shape = enc.prepared.shape
     # one pass while the volume is at most a few training views (memory stays small); beyond that
-    # windows, each at least half core so the halo does not multiply the work
-    if math.prod(grid) <= SINGLE_PASS_VIEWS * math.prod(window):
+    # windows of two views per side with a one-patch halo: few windows, little recomputation
+    if math.prod(grid) <= SINGLE_PASS_VIEWS * math.prod(view):
         return head(enc.output(), image=_image(enc, device))[0].float().cpu()
+    window = [min(g, WINDOW_VIEWS * v) for g, v in zip(grid, view)]
     halo = min(halo, min(window) // 4)
     padded = np.zeros([g * PATCH for g in grid], np.float32)
     padded[: shape[0], : shape[1], : shape[2]] = enc.prepared
     image = torch.from_numpy(padded)[None, None]
-    tiles = grid_tiles(grid, [min(g, w) for g, w in zip(grid, window)], halo)
+    tiles = grid_tiles(grid, window, halo)
     full: torch.Tensor | None = None
     for t, (core, win, inner) in enumerate(tiles):
         if progress is not None:

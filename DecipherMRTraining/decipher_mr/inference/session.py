@@ -15,6 +15,7 @@ is mapped back with :func:`~decipher_mr.data.preprocess.restore` onto the input'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +37,24 @@ from .results import HeatmapResult, LocalizationResult, RetrievalHit, Segmentati
 
 MAX_QUERY_CHARS = 1000
 TEXT_CACHE_SIZE = 512
+
+
+@contextlib.contextmanager
+def single_thread(device: torch.device):
+    """Run small CPU work (a short query through the text tower, a token-level head) on one thread.
+
+    Such work is a few small matrix products; splitting them across threads only adds OpenMP
+    barriers, which cost milliseconds each when another process holds the other core.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -227,7 +246,7 @@ class Session:
                 if n_tokens > model.text.max_length:
                     raise QueryError(f"the text query is too long ({n_tokens} tokens; the text tower reads at most "
                                      f"{model.text.max_length})")
-            with torch.inference_mode():
+            with torch.inference_mode(), single_thread(self.device):
                 vecs = model.encode_reports(missing).float().cpu()
             self.stats["text_passes"] += 1
             for q, v in zip(missing, vecs):
@@ -306,7 +325,7 @@ class Session:
         name, module = self._head("ground", head)
         enc = self.encode(volume, progress)
         t = self._grounding_text(module, query).to(self.device)
-        with self._autocast():
+        with self._autocast(), single_thread(self.device):
             heat = torch.sigmoid(token_head_maps(module, enc, self.device, text=t)[0])
         return self._heatmap_result(enc, name, heat.numpy(), float(module.config.threshold), query)
 
