@@ -184,7 +184,7 @@ def segment_memory_child(bundle: str) -> None:
 
 def bench_segment_memory(bundle: Path) -> None:
     proc = subprocess.run([sys.executable, __file__, "--segment-memory-child", str(bundle)], capture_output=True,
-                          text=True, timeout=900)
+                          encoding="utf-8", errors="replace", timeout=900)
     if proc.returncode != 0:
         print(f"[3] segmentation memory: child failed: {proc.stderr[-800:]}")
         return

@@ -10,7 +10,7 @@ from decipher_mr.cli import COMMANDS, _available
 
 def _help(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "decipher_mr", *args, "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "decipher_mr", *args, "--help"], capture_output=True, encoding="utf-8", errors="replace", check=True
     )
     return out.stdout
 

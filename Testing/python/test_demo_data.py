@@ -205,7 +205,7 @@ def test_command_line_builds_a_corpus_and_prints_what_it_holds(tmp_path):
     out = tmp_path / "cli"
     done = subprocess.run(
         [sys.executable, "-m", "decipher_mr", "demo-data", "--out", str(out), "--subjects", "3", "--seed", "5", "--quiet"],
-        capture_output=True, text=True,
+        capture_output=True, encoding="utf-8", errors="replace",
     )
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout and "brain 3" in done.stdout and "split" in done.stdout
@@ -215,6 +215,6 @@ def test_command_line_builds_a_corpus_and_prints_what_it_holds(tmp_path):
 def test_command_line_refuses_too_few_subjects(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "decipher_mr", "demo-data", "--out", str(tmp_path / "x"), "--subjects", "2"],
-        capture_output=True, text=True,
+        capture_output=True, encoding="utf-8", errors="replace",
     )
     assert done.returncode == 2 and "at least 3" in done.stderr

@@ -88,7 +88,7 @@ def test_sigterm_checkpoint_then_resume_equals_an_uninterrupted_run(prepared_dem
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
            f"data.cache={prepared_demo_cache}", f"run_dir={killed}", *TINY, *common]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     _wait_for_iterations(killed, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -128,7 +128,7 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}", "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
                 f"data.cache={prepared_demo_cache}", f"run_dir={ddp_dir}", "device=cpu", *TINY, *common]
-    res = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    res = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
 
@@ -172,7 +172,7 @@ def test_checkpoint_of_another_architecture_is_refused(short_run, prepared_demo_
 def test_teacher_export_from_the_command_line_loads_as_an_encoder(short_run, tmp_path):
     out = tmp_path / "teacher.safetensors"
     res = subprocess.run([sys.executable, "-m", "decipher_mr", "pretrain-vision", "--export-teacher", str(short_run),
-                          "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          "--out", str(out)], env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert res.returncode == 0, res.stderr
     enc = load_vision_encoder(out)
     teacher = {k[len("teacher.backbone."):]: v for k, v in weights_of(short_run).items() if k.startswith("teacher.backbone.")}

@@ -41,7 +41,7 @@ for w in root.findChildren(QWidget):
         print("WIDGET", w.objectName(), w.property("SlicerParameterName") or "")
 """
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     found = {}
     for line in out.stdout.splitlines():
@@ -84,7 +84,7 @@ import DecipherMRLib, DecipherMRLib.ModuleLogic, DecipherMRLib.Engine, DecipherM
 heavy = sorted(m for m in ("torch", "decipher_mr", "monai", "transformers", "SimpleITK", "PySide6") if m in sys.modules)
 print("HEAVY", heavy)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
 

@@ -144,7 +144,7 @@ def test_stdout_carries_only_protocol_lines(bundle, volumes):
     requests = [{"id": 1, "method": "ping"}, {"id": 2, "method": "encode", "params": {"volume": str(volumes["small"])}},
                 {"id": 3, "method": "shutdown"}]
     proc = subprocess.run([sys.executable, "-m", "decipher_mr", "worker", "--bundle", str(bundle), "--device", "cpu"],
-                          input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True, text=True,
+                          input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True, encoding="utf-8", errors="replace",
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     messages = [json.loads(line) for line in proc.stdout.splitlines()]  # every line parses

@@ -144,6 +144,8 @@ def load_text_backbone(spec: str | os.PathLike | dict | None = None, masked_lm: 
 
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "newly initialised MLM head" is expected
+        # Its per-tensor "Loading weights" bar is noise in our logs and in the worker's stderr.
+        transformers.logging.disable_progress_bar()
         try:
             model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         finally:
