@@ -7,8 +7,10 @@ over the destination (``os.replace`` is atomic on POSIX within one file system).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,3 +63,36 @@ def atomic_save_npy(dest: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(dest, suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``dest``; on success it replaces ``dest`` as a whole.
+
+    A reader sees the old folder or the new one, never a mix; a failure leaves the old one untouched.
+
+    >>> with atomic_folder("runs/a/model") as tmp:
+    ...     save_file(state, tmp / "weights.safetensors")
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints, bundles and heads all verify with it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -154,13 +154,13 @@ def test_bundle_holds_safetensors_manifest_and_model_card(bundle_zip):
 
 def test_zip_is_extracted_to_the_user_cache_keyed_by_hash_not_the_working_folder(
         bundle_zip, bundle_cache, tmp_path, monkeypatch):
-    from decipher_mr.bundle.archive import file_sha256
+    from decipher_mr.storage import sha256_file
 
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
     bundle = load_bundle(bundle_zip, heads=[])
-    assert bundle.folder == bundle_cache / file_sha256(bundle_zip)
+    assert bundle.folder == bundle_cache / sha256_file(bundle_zip)
     assert list(work.iterdir()) == []
     assert bundle.heads == {}
     assert not [p for p in bundle_cache.iterdir() if p.name.startswith(".")]  # no temporaries left
@@ -380,9 +380,9 @@ def test_zip_entries_escaping_the_folder_are_refused(bundle_zip, tmp_path, bundl
         load_bundle(bad)
     assert entry.filename in str(err.value)
     assert not (tmp_path / "escape.txt").exists() and not Path("/tmp/absolute.txt").exists()
-    from decipher_mr.bundle.archive import file_sha256
+    from decipher_mr.storage import sha256_file
 
-    assert not (bundle_cache / file_sha256(bad)).exists()
+    assert not (bundle_cache / sha256_file(bad)).exists()
 
 
 def test_pickled_weights_under_the_safetensors_name_are_refused(bundle_dir, model):

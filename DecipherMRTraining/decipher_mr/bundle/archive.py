@@ -13,7 +13,6 @@ decompress to more bytes than they declare (zip bombs), and zips that would not 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -22,6 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from decipher_mr.bundle.format import BundleError
+from decipher_mr.storage import sha256_file
 
 COPY_CHUNK = 1 << 20
 
@@ -37,14 +37,6 @@ def bundle_cache_root() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         base = str(Path(xdg) / "decipher-mr") if xdg else str(Path.home() / ".cache" / "decipher-mr")
     return Path(base).expanduser() / "bundles"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_member_path(info: zipfile.ZipInfo, zip_path: Path) -> PurePosixPath | None:
@@ -125,7 +117,7 @@ def extract_bundle_zip(zip_path: str | os.PathLike, cache_root: str | os.PathLik
     if not zip_path.is_file():
         raise BundleError(f"{zip_path}: bundle zip not found")
     root = Path(cache_root) if cache_root is not None else bundle_cache_root()
-    digest = file_sha256(zip_path)
+    digest = sha256_file(zip_path)
     dest = root / digest
     try:
         with zipfile.ZipFile(zip_path) as zf:

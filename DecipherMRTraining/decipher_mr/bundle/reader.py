@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from decipher_mr.bundle import format as fmt
-from decipher_mr.bundle.archive import extract_bundle_zip, file_sha256
+from decipher_mr.bundle.archive import extract_bundle_zip
+from decipher_mr.storage import sha256_file
 from decipher_mr.bundle.format import BundleError
 
 
@@ -127,7 +128,7 @@ def check_bundle_folder(folder: Path, source: Path | None = None, is_zip: bool =
         if "bytes" in entry and path.stat().st_size != entry["bytes"]:
             raise BundleError(f"{shown(rel)}: checksum mismatch (size {path.stat().st_size} bytes, the manifest "
                               f"says {entry['bytes']}); the bundle is corrupt or was modified")
-        if file_sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise BundleError(f"{shown(rel)}: checksum mismatch (sha256 differs from the manifest); "
                               "the bundle is corrupt or was modified")
     extra = [rel for rel in files if rel != fmt.MANIFEST and rel not in listed]

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from decipher_mr.bundle import format as fmt
-from decipher_mr.bundle.archive import file_sha256
+from decipher_mr.storage import sha256_file
 from decipher_mr.bundle.format import BundleError
 from decipher_mr.bundle.model_card import render_model_card
 from decipher_mr.storage import atomic_path
@@ -231,7 +231,7 @@ def write_manifest(folder: Path, progress: bool = False) -> dict[str, Any]:
     with _progress(paths, "checksums", progress) as bar:
         for path in paths:
             size = path.stat().st_size
-            files[path.relative_to(folder).as_posix()] = {"sha256": file_sha256(path), "bytes": size}
+            files[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": size}
             bar.update(size)
     manifest = {"format_version": fmt.FORMAT_VERSION, "files": files}
     (folder / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

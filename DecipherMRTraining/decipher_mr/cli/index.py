@@ -15,7 +15,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 

@@ -121,35 +121,20 @@ def save_head(head: nn.Module, folder: str | Path, extra: dict[str, Any] | None 
 
     >>> save_head(head, "runs/heads/classify/head")
     """
-    import os
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from decipher_mr.train.checkpoint import sha256_of
+    from decipher_mr.storage import atomic_folder, sha256_file
 
     dest = Path(folder)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     cfg: HeadConfig = head.config  # type: ignore[assignment]
-    # Written in a sibling temp folder and renamed: a reader sees the old head or the new one, whole.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
         save_file(state, str(tmp / "head.safetensors"))
         record = {"format": HEAD_FORMAT, "task": cfg.task, "config": cfg.to_dict(), **(extra or {})}
         (tmp / "head.json").write_text(json.dumps(record, indent=2))
         (tmp / "labels.csv").write_text(labels_csv(list(cfg.labels)), encoding="utf-8")
         files = ["head.json", "head.safetensors", "labels.csv"]
-        (tmp / "manifest.json").write_text(json.dumps({"format": HEAD_FORMAT, "sha256": {f: sha256_of(tmp / f) for f in files}}, indent=2))
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps({"format": HEAD_FORMAT, "sha256": {f: sha256_file(tmp / f) for f in files}}, indent=2))
     return dest
 
 
@@ -161,7 +146,7 @@ def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     from safetensors.torch import load_file
 
-    from decipher_mr.train.checkpoint import sha256_of
+    from decipher_mr.storage import sha256_file
 
     folder = Path(folder)
     if (folder / "head" / "head.json").exists():
@@ -173,7 +158,7 @@ def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     for name, digest in manifest.get("sha256", {}).items():
         if not (folder / name).exists():
             raise HeadError(f"{folder / name}: missing from the saved head")
-        if sha256_of(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             raise HeadError(f"{folder / name}: checksum mismatch, the head is damaged")
     record = json.loads((folder / "head.json").read_text())
     if record.get("format", 0) > HEAD_FORMAT:

@@ -213,7 +213,7 @@ class VectorIndex:
         return ann
 
     def search(self, queries: np.ndarray, k: int = 10, space: str = "image", exact: bool = False,
-               nprobe: int = DEFAULT_NPROBE) -> list[list["RetrievalHit"]]:
+               nprobe: int = DEFAULT_NPROBE) -> "list[list[RetrievalHit]]":
         """Top-``k`` rows per query (Q, dim) as :class:`~decipher_mr.inference.results.RetrievalHit`.
 
         >>> idx.search(session.embed_text("meningioma").numpy(), k=5, space="image", exact=True)

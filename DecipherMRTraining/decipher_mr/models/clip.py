@@ -204,31 +204,18 @@ def save_image_text_model(model: ImageTextModel, folder: str | Any, extra: dict[
     >>> save_image_text_model(model, "runs/align/model")
     """
     import json
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
-    dest = Path(folder)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    from decipher_mr.storage import atomic_folder
+
+    with atomic_folder(folder) as tmp:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
                  if not k.startswith("text.backbone.")}
         save_file(state, str(tmp / "clip.safetensors"))
         model.text.save_pretrained(tmp / "text_encoder")
         record = {**model_record(model), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(record, indent=2))
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_image_text_model(path: str | Any) -> ImageTextModel:

@@ -17,7 +17,6 @@ corrupt checkpoint or one made for another architecture.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from decipher_mr.storage import atomic_write_json
+from decipher_mr.storage import atomic_write_json, sha256_file
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -38,14 +37,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,7 +139,7 @@ def save_checkpoint(
             "iteration": iteration,
             "architecture": architecture or {},
             "modules": sorted(modules),
-            "sha256": {f: sha256_of(tmp / f) for f in files},
+            "sha256": {f: sha256_file(tmp / f) for f in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for f in [*files, MANIFEST]:
@@ -202,7 +193,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        if sha256_of(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch, the checkpoint is corrupt; delete it or resume from an older one")
     return manifest
 

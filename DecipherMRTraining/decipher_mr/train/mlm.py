@@ -18,10 +18,7 @@ Report text is patient data: only counts and losses are printed.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +26,7 @@ import torch
 
 from decipher_mr.data.cache import PreparedCache
 from decipher_mr.models.text import load_text_backbone, pad_token_ids, tokenize_reports
-from decipher_mr.storage import atomic_write_json
+from decipher_mr.storage import atomic_folder, atomic_write_json
 from decipher_mr.train import checkpoint as ckpt
 from decipher_mr.train.distributed import (
     ResumableDistributedSampler,
@@ -122,19 +119,9 @@ def perplexity(model, ids: Sequence[Sequence[int]], tokenizer, probability: floa
 
 def save_text_folder(model, tokenizer, dest: Path) -> None:
     """Write a loadable Hugging Face folder (safetensors + tokenizer) atomically (temp dir + rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _architecture(model) -> dict[str, Any]:
