@@ -48,11 +48,44 @@ $(MRICRON):
 $(DEMO)/data/manifest.jsonl: | setup
 	$(CLI) demo-data --out $(DEMO)/data
 
+CFG := DecipherMRTraining/configs
+RUNS := $(DEMO)/runs
+# Iteration counts sized for a CPU demo (about ten minutes on 2 cores); raise them for a real model.
+DEMO_HEAD_ITERS ?= 150
+
 demo: setup $(DEMO)/data/manifest.jsonl
+	@echo "== 1/7 prepare: canonical orientation, 2 mm spacing, intensity normalisation"
 	$(CLI) prepare $(DEMO)/data/manifest.jsonl --out $(DEMO)/cache --spacing 2,2,2
+	@echo "== 2/7 stage 1, vision: DINOv2 + iBOT on a tiny 3D ViT"
+	$(CLI) pretrain-vision --config $(CFG)/vit-small-demo.json --resume data.cache=$(DEMO)/cache run_dir=$(RUNS)/vision
+	@echo "== 3/7 stage 1, text: masked-language modelling of MiniLM on the (generated) reports"
+	$(CLI) pretrain-text --config $(CFG)/text-demo.json cache=$(DEMO)/cache output=$(RUNS)/text
+	@echo "== 4/7 stage 2: CLIP alignment of images and reports, one body region per batch"
+	$(CLI) align --config $(CFG)/align-demo.json cache=$(DEMO)/cache output=$(RUNS)/align \
+	  'vision={"export": "$(RUNS)/vision"}' 'text={"path": "$(RUNS)/text/text_encoder", "pooling": "mean", "max_length": 256}'
+	$(CLI) evaluate retrieval --checkpoint $(RUNS)/align --cache $(DEMO)/cache --split test --out $(RUNS)/eval-retrieval
+	@echo "== 5/7 heads on the frozen aligned encoder: segmentation, anomaly, text grounding"
+	@set -e; for task in segment anomaly ground; do \
+	  $(CLI) train-head --task $$task --config $(CFG)/heads-$$task.json cache=$(DEMO)/cache \
+	    'encoder={"aligned": "$(RUNS)/align"}' output=$(RUNS)/heads/$$task iterations=$(DEMO_HEAD_ITERS); done
+	$(CLI) evaluate heads --run $(RUNS)/heads/segment $(RUNS)/heads/anomaly $(RUNS)/heads/ground \
+	  --cache $(DEMO)/cache --split test --baseline-budget 60 --out $(RUNS)/eval-heads
+	@echo "== 6/7 export: one verified model bundle"
+	$(CLI) export --out $(DEMO)/bundle.zip --align $(RUNS)/align --name decipher-mr-demo \
+	  --head segment=$(RUNS)/heads/segment --head anomaly=$(RUNS)/heads/anomaly --head ground=$(RUNS)/heads/ground
+	$(CLI) verify $(DEMO)/bundle.zip
+	@echo "== 7/7 retrieval index of the demo corpus"
+	$(CLI) index build --bundle $(DEMO)/bundle.zip --manifest $(DEMO)/data/manifest.jsonl --out $(DEMO)/index
 	@echo
-	@echo "Demo corpus: $(DEMO)/data (manifest $(DEMO)/data/manifest.jsonl, README $(DEMO)/data/README.md)"
+	@echo "Demo corpus:   $(DEMO)/data (real Colin27/MNI152 anatomy; generated lesions, reports and phantoms; see its README.md)"
 	@echo "Prepared cache: $(DEMO)/cache"
+	@echo "Stage 1:        $(RUNS)/vision/encoder.safetensors, $(RUNS)/text/text_encoder"
+	@echo "Stage 2:        $(RUNS)/align (retrieval: $(RUNS)/eval-retrieval/retrieval.md)"
+	@echo "Heads:          $(RUNS)/heads (evaluation: $(RUNS)/eval-heads/heads.md)"
+	@echo "Model bundle:   $(DEMO)/bundle.zip   Index: $(DEMO)/index"
+	@echo "Try it:         $(CLI) infer --bundle $(DEMO)/bundle.zip --volume $(DEMO)/data/images/brain-000.nii.gz \\"
+	@echo "                  --tasks segment,anomaly --query 'lesion in the right temporal lobe' --out $(DEMO)/infer"
+	@echo "                $(CLI) index search $(DEMO)/index --text 'lesion in the left frontal lobe' -k 5"
 
 test: setup
 	$(PY) -m pytest Testing/python -q
