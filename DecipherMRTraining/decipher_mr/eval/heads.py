@@ -192,5 +192,6 @@ def compare_with_segresnet(run: str | Path, cache: PreparedCache, budget_s: floa
     head_curve = [{"elapsed_s": h["elapsed_s"], "dice": h["val"].get("dice")} for h in hist["history"]]
     level = base["final_dice"]
     return {"run": str(run), "baseline": base, "head_final_dice": head_curve[-1]["dice"] if head_curve else float("nan"),
+            "head_seconds": head_curve[-1]["elapsed_s"] if head_curve else float("nan"),
             "head_time_to_baseline": time_to_reach(head_curve, "dice", level),
             "baseline_time_to_baseline": time_to_reach(base["history"], "dice", level)}
