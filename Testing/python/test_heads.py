@@ -146,6 +146,43 @@ def test_unsupervised_anomaly_flags_a_lesion_pasted_into_a_normal_real_brain(pre
     assert voxel_auroc([amap], [lesion], [view > 0.05]) > 0.7
 
 
+def test_unsupervised_anomaly_keeps_one_model_per_sequence_and_saves_it(prepared_demo_cache, tmp_path):
+    """Normal statistics per sequence (T1 and a contrast-inverted 'T2' of the same real brain):
+    a dark T1 lesion outranks normal tissue of both, and the groups survive save/load."""
+    from decipher_mr.heads.dense import centre_view
+    from decipher_mr.eval.head_metrics import voxel_auroc
+    from decipher_mr.train.heads import load_encoder
+
+    cache = PreparedCache(prepared_demo_cache)
+    normal = next(i for i in cache.indices(body_region="brain") if not cache.items[i].labels["lesion_present"])
+    t1 = centre_view(np.asarray(cache.load(normal), dtype=np.float32), CROP)[0]
+    body = t1 > 0.05
+    t2 = np.where(body, 1.0 - t1, 0.0).astype(np.float32)
+    encoder, _ = load_encoder({"preset": "vit-micro"}, seed=0)
+    rng = np.random.default_rng(0)
+    jitter = lambda v: torch.from_numpy(v * rng.uniform(0.95, 1.05) + rng.normal(0, 0.02, v.shape).astype(np.float32))[None, None].float()
+    context = [{"body_region": "brain", "sequence": s} for s in ["T1"] * 4 + ["T2"] * 4]
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in CROP], indexing="ij")
+    lesion = (((ii - 20) ** 2 + (jj - 30) ** 2 + (kk - 26) ** 2) <= 5 ** 2) & body
+    sick = t1.copy()
+    sick[lesion] = 0.08  # hypointense, as an infarct on T1
+    x = torch.from_numpy(sick)[None, None]
+    with torch.no_grad():
+        normals = [encoder(jitter(v)) for v in [t1] * 4 + [t2] * 4]
+        head = build_head("anomaly", {"embed_dim": 64, "labels": ["anomaly"], "mode": "unsupervised", "stats_grid": [6, 7, 6]})
+        head.fit([o.patch_tokens for o in normals], [o.grid for o in normals], context=context)
+        assert head.config.normal_groups == ["brain/T1", "brain/T2"]
+        save_head(head, tmp_path / "head")
+        loaded, _ = load_head(tmp_path / "head")
+        out = encoder(x)
+        grouped = loaded(out, image=x, context=[{"body_region": "brain", "sequence": "T1"}])[0, 0].numpy()
+        other = loaded(encoder(jitter(t2)), image=x, context=[{"body_region": "brain", "sequence": "T2"}])[0, 0].numpy()
+        same = head(out, image=x, context=[{"body_region": "brain", "sequence": "T1"}])[0, 0].numpy()
+    assert np.array_equal(grouped, same)
+    # Across studies: the T1 lesion outranks normal tissue of both sequences.
+    assert voxel_auroc([grouped, other], [lesion, np.zeros_like(lesion)], [body, body]) > 0.9
+
+
 def test_grounding_points_at_named_regions_better_than_the_centre(prepared_demo_cache, runs):
     run = _train(runs, prepared_demo_cache, "ground", where=BRAIN, iterations=150, lr=5e-3, batch_size=2)
     res = evaluate_head(run, PreparedCache(prepared_demo_cache), HELD_OUT)

@@ -112,7 +112,7 @@ def evaluate_head(run: str | Path, cache: PreparedCache, splits: Sequence[str] =
     if task == "anomaly":
         maps, masks, body = [], [], []
         for f in feats:
-            amap = head.anomaly_map(batch_output([f]), f.image[None])[0, 0].numpy()
+            amap = head.anomaly_map(batch_output([f]), f.image[None], context=[cache.items[f.index]])[0, 0].numpy()
             maps.append(amap)
             masks.append(targets.dense[f.index])
             body.append(f.image[0].numpy() > 0.05)

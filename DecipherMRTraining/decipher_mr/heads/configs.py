@@ -91,6 +91,11 @@ class AnomalyConfig(SegmentConfig):
     per-position mean and diagonal variance; ``knn``: distance to the ``k`` nearest normal tokens at
     that position) on a fixed ``stats_grid``, calibrated on normal scores so the median normal
     token maps near 0 and the 99th percentile to 0.5.
+
+    Normal tokens of different sequences and body regions differ far more than a lesion differs
+    from its own tissue, so the unsupervised model also keeps one set of statistics per
+    ``condition_on`` group (e.g. ``brain/T1``) with enough normal studies; ``normal_groups`` lists
+    the groups fitted (empty: one pooled model, as heads saved before groups existed).
     """
 
     mode: str = "supervised"
@@ -98,6 +103,8 @@ class AnomalyConfig(SegmentConfig):
     k: int = 3
     stats_grid: list[int] = field(default_factory=lambda: [8, 8, 8])
     bank_size: int = 64
+    condition_on: list[str] = field(default_factory=lambda: ["body_region", "sequence"])
+    normal_groups: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in ("supervised", "unsupervised"):

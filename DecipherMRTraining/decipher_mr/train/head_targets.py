@@ -129,7 +129,8 @@ class TaskTargets:
         return np.stack([lab == k for k in range(1, len(self.labels) + 1)])
 
     def normal_tokens(self, feats, cfg) -> tuple[list, list, list]:
-        """Tokens, grids and per-token 'wholly normal' flags for fitting the normal-token model."""
+        """Tokens, grids and per-token 'wholly normal' flags for fitting the normal-token model
+        (each study's metadata, for its group statistics, is ``[cache.items[f.index] for f in feats]``)."""
         tokens, grids, valid = [], [], []
         for f in feats:
             lesion = torch.from_numpy(self.dense[f.index].astype(np.float32))[None, None]
@@ -165,7 +166,7 @@ class TaskTargets:
                 pred = head(out, image=image)[0].argmax(0).numpy()
                 dice.append(M.mean_ignoring_nan(M.dice_hd95(pred, truth, len(self.labels))["dice"]) if truth.any() else np.nan)
             elif task == "anomaly":
-                amap = head.anomaly_map(out, image)[0, 0].numpy()
+                amap = head.anomaly_map(out, image, context=[self.cache.items[f.index]])[0, 0].numpy()
                 if truth.any():
                     dice.append(M.dice_hd95((amap >= 0.5).astype(np.int64), truth, 2)["dice"][0])
                 auc_maps.append(amap)

@@ -202,7 +202,8 @@ def train_head(cfg: dict[str, Any]) -> dict[str, Any]:
     head = build_head(task, head_cfg).to(device)
 
     if unsupervised:
-        head.fit(*targets.normal_tokens(train_feats, head_cfg))  # type: ignore[operator]
+        head.fit(*targets.normal_tokens(train_feats, head_cfg),  # type: ignore[operator]
+                 context=[cache.items[f.index] for f in train_feats])
         history = [{"iteration": 0, "elapsed_s": time.perf_counter() - t_start, "loss": None,
                     "val": targets.validate(head, val_feats, batch_output)}]
         return _finish(run, cfg, head, history, encoder, k, feature_s, t_start, say)
