@@ -15,6 +15,7 @@ import vtk
 import slicer
 
 from .SubjectHierarchy import place_beside
+from .VolumeBridge import read_node_from_file
 
 VISIBLE_COLUMNS = ("rank", "score", "study", "excerpt")
 HIDDEN_COLUMNS = ("report", "image")
@@ -125,16 +126,8 @@ def load_case(scene, table, row: int, name: str | None = None):
     path = Path(hit.image)
     if not path.exists():
         raise FileNotFoundError(f"{path}: the retrieved case's image does not exist")
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(scene.GenerateUniqueName(name or hit.study or path.name))
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise ValueError(f"{path}: could not read the retrieved case's image (DICOM folders open through the DICOM module)")
-    node.CreateDefaultDisplayNodes()
-    return node
+    return read_node_from_file(
+        scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(), path,
+        name or hit.study or path.name,
+        f"{path}: could not read the retrieved case's image (DICOM folders open through the DICOM module)",
+    )

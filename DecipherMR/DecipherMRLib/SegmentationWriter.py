@@ -16,7 +16,7 @@ import numpy as np
 import slicer
 
 from .SubjectHierarchy import place_beside
-from .VolumeBridge import check_same_grid, vtk_image_from_array
+from .VolumeBridge import check_same_grid, read_node_from_file, vtk_image_from_array
 
 
 @dataclass(frozen=True)
@@ -209,16 +209,7 @@ def load_segmentation(scene, path: str | Path, name: str | None = None):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such segmentation file")
     segmentation_logic(scene)
-    node = slicer.vtkMRMLSegmentationNode()
-    node.SetName(scene.GenerateUniqueName(name or path.name[: -len(".seg.nrrd")]))
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise ValueError(f"{path}: not a readable segmentation file")
-    node.CreateDefaultDisplayNodes()
-    return node
+    return read_node_from_file(
+        scene, slicer.vtkMRMLSegmentationNode(), slicer.vtkMRMLSegmentationStorageNode(), path,
+        name or path.name[: -len(".seg.nrrd")], f"{path}: not a readable segmentation file",
+    )

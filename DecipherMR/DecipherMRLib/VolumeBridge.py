@@ -126,3 +126,25 @@ def same_geometry(node_a, node_b, atol: float = 1e-5) -> bool:
     dims_a = node_a.GetImageData().GetDimensions() if node_a.GetImageData() else None
     dims_b = node_b.GetImageData().GetDimensions() if node_b.GetImageData() else None
     return dims_a == dims_b and np.allclose(ijk_to_ras(node_a), ijk_to_ras(node_b), atol=atol)
+
+
+def read_node_from_file(scene, node, storage, path, name: str, unreadable: str):
+    """Add ``node`` (named ``name``) and its ``storage`` node to the scene and read ``path`` into it.
+
+    On failure both nodes are removed again, so the scene is left as it was, and ``ValueError``
+    carries ``unreadable``. Used for retrieved cases and saved segmentations alike.
+
+    >>> read_node_from_file(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
+    ...                     path, "case-7", f"{path}: could not read the image")
+    """
+    node.SetName(scene.GenerateUniqueName(name))
+    scene.AddNode(node)
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise ValueError(unreadable)
+    node.CreateDefaultDisplayNodes()
+    return node
