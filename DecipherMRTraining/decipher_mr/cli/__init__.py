@@ -28,10 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EPILOG = """\
-a typical run on the demo corpus:
+a typical run on the demo corpus (`make demo` runs all of it):
   decipher-mr demo-data --out demo/data
-  decipher-mr prepare demo/data/manifest.jsonl --out demo/cache
-  decipher-mr pretrain-vision --config configs/demo-vision.json
+  decipher-mr prepare demo/data/manifest.jsonl --out demo/cache --spacing 2
+  decipher-mr pretrain-vision --config DecipherMRTraining/configs/vit-small-demo.json run_dir=demo/runs/vision
+  decipher-mr align --config DecipherMRTraining/configs/align-demo.json 'vision={"export": "demo/runs/vision"}'
+  decipher-mr train-head --task segment --config DecipherMRTraining/configs/heads-segment.json
+  decipher-mr export --out demo/bundle.zip --align runs/align-demo --head segment=runs/heads/segment
+  decipher-mr infer --bundle demo/bundle.zip --volume demo/data/images/brain-000.nii.gz --out demo/infer
 
 run `decipher-mr COMMAND --help` for the options and an example of each command.
 DecipherMR is a research tool, not a medical device: never use it for clinical decisions.
