@@ -24,6 +24,7 @@ from DecipherMRLib.Engine import InProcessEngine  # noqa: E402
 from DecipherMRLib.ModuleLogic import ModuleLogic  # noqa: E402
 from DecipherMRLib.Runner import RunState  # noqa: E402
 from decipher_mr import assets  # noqa: E402
+from slicer_scenes import add_colin27, scene_with_slice_views  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +43,8 @@ def bundle_and_index(prepared_demo_cache, demo_corpus, tmp_path_factory):
 @pytest.fixture()
 def module(bundle_and_index):
     bundle, index = bundle_and_index
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    for layout, orientation in (("Red", "Axial"), ("Green", "Coronal"), ("Yellow", "Sagittal")):
-        view = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        view.SetLayoutName(layout)
-        scene.AddNode(view)
-        view.SetOrientation(orientation)
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(layout)
-        scene.AddNode(composite)
-    t1 = slicer.vtkMRMLScalarVolumeNode()
-    t1.SetName("Colin27")
-    scene.AddNode(t1)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(assets.colin27_t1()))
-    t1.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(t1)
+    scene = scene_with_slice_views()
+    t1 = add_colin27(scene)
     logic = ModuleLogic(scene, engine_factory=InProcessEngine)
     logic.configure(str(bundle), device="cpu", index=str(index))
     failures = []
@@ -160,14 +145,7 @@ def worker_module(bundle_and_index):
 
     bundle, index = bundle_and_index
     scene = slicer.vtkMRMLScene()
-    t1 = slicer.vtkMRMLScalarVolumeNode()
-    t1.SetName("Colin27")
-    scene.AddNode(t1)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(assets.colin27_t1()))
-    t1.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(t1)
+    t1 = add_colin27(scene)
     logic = ModuleLogic(scene, engine_factory=WorkerEngine)
     logic.configure(str(bundle), device="cpu", index=str(index))
     events = []

@@ -30,18 +30,12 @@ from DecipherMRLib.Dependencies import (  # noqa: E402
 from DecipherMRLib.ModelsFolder import clear_models_folder, models_folder  # noqa: E402
 from DecipherMRLib.Runner import InferenceRunner, RunState  # noqa: E402
 from decipher_mr import assets  # noqa: E402
+from slicer_scenes import add_colin27  # noqa: E402
 
 
 def colin_scene():
     scene = slicer.vtkMRMLScene()
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName("Colin27")
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(assets.colin27_t1()))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(node)
+    node = add_colin27(scene)
     return scene, node
 
 

@@ -37,21 +37,9 @@ from DecipherMRLib import (  # noqa: E402
     write_segmentation,
 )
 from decipher_mr import assets  # noqa: E402
+from slicer_scenes import scene_with_slice_views  # noqa: E402
 
-
-def make_scene():
-    """A scene with the three slice views the application creates (Red, Green, Yellow)."""
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    for layout, orientation in (("Red", "Axial"), ("Green", "Coronal"), ("Yellow", "Sagittal")):
-        view = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        view.SetLayoutName(layout)
-        scene.AddNode(view)
-        view.SetOrientation(orientation)
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(layout)
-        scene.AddNode(composite)
-    return scene
+make_scene = scene_with_slice_views
 
 
 def read_volume_node(scene, path: Path, name: str, label: bool = False):

@@ -25,6 +25,7 @@ from DecipherMRLib import (  # noqa: E402
     write_segmentation,
 )
 from decipher_mr import assets  # noqa: E402
+from slicer_scenes import add_colin27  # noqa: E402
 
 
 def scene_with_t1():
@@ -32,14 +33,7 @@ def scene_with_t1():
     composite = slicer.vtkMRMLSliceCompositeNode()
     composite.SetLayoutName("Red")
     scene.AddNode(composite)
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName("Colin27")
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(assets.colin27_t1()))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(node)
+    node = add_colin27(scene)
     node.CreateDefaultDisplayNodes()
     composite.SetBackgroundVolumeID(node.GetID())
     composite.SetForegroundOpacity(0.0)
