@@ -126,8 +126,12 @@ def load_case(scene, table, row: int, name: str | None = None):
     path = Path(hit.image)
     if not path.exists():
         raise FileNotFoundError(f"{path}: the retrieved case's image does not exist")
+    if path.is_dir():  # a DICOM series folder: read (and checked) by decipher_mr, like any input volume
+        from .VolumeBridge import load_volume_file
+
+        return load_volume_file(scene, path, name=name or hit.study or path.name)
     return read_node_from_file(
         scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(), path,
         name or hit.study or path.name,
-        f"{path}: could not read the retrieved case's image (DICOM folders open through the DICOM module)",
+        f"{path}: could not read the retrieved case's image",
     )

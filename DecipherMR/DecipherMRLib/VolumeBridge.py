@@ -75,6 +75,60 @@ def volume_from_node(node):
     )
 
 
+def add_volume_from_decipher(scene, volume, name: str | None = None):
+    """Add a ``decipher_mr`` Volume (array [i, j, k] + LPS geometry) to the scene as a scalar volume node.
+
+    The inverse of ``volume_from_node``: the node's IJKToRAS is the volume's LPS affine with the first
+    two world rows negated.
+
+    >>> node = add_volume_from_decipher(scene, read_volume("case.nii.gz"), "case")
+    """
+    spacing = np.asarray(volume.spacing, dtype=np.float64)
+    direction_ras = _LPS_FROM_RAS @ np.asarray(volume.direction, dtype=np.float64)
+    origin_ras = _LPS_FROM_RAS @ np.asarray(volume.origin, dtype=np.float64)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, direction_ras[r, c] * spacing[c])
+        matrix.SetElement(r, 3, origin_ras[r])
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(scene.GenerateUniqueName(name or "Volume"))
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(vtk_image_from_array(volume.array))
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:  # a window that shows MRI (not the full range, which a few bright voxels squash)
+        low, high = np.percentile(np.asarray(volume.array, dtype=np.float32), [0.5, 99.5])
+        if high > low:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(float(low), float(high))
+    return node
+
+
+def load_volume_file(scene, path, name: str | None = None, series_uid: str | None = None):
+    """Read an MRI file (NIfTI, NRRD, MHA) or a DICOM series folder into a new scalar volume node.
+
+    Reading goes through ``decipher_mr.data.io.read_volume``, so a 2D or 4D image, NaNs, a truncated
+    file or a folder of several series is refused with a message that names the file, and the scene is
+    left untouched (the node is only added once the image is known to be good).
+
+    >>> node = load_volume_file(scene, "demo/data/images/brain-000.nii.gz")
+    """
+    from pathlib import Path
+
+    from decipher_mr.data.io import read_volume
+
+    path = Path(path).expanduser()
+    volume = read_volume(path, series_uid=series_uid)
+    stem = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return add_volume_from_decipher(scene, volume, name or stem or "Volume")
+
+
 def vtk_image_from_array(array: np.ndarray) -> "vtk.vtkImageData":
     """A vtkImageData holding a copy of an ``[i, j, k]`` array (geometry left at identity).
 

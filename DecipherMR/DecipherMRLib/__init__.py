@@ -34,4 +34,12 @@ from .SegmentationWriter import (
 )
 from .Signals import Signal
 from .SubjectHierarchy import place_beside, sibling_parent
-from .VolumeBridge import add_volume_from_array, array_from_volume_node, ijk_to_ras, same_geometry, volume_from_node
+from .VolumeBridge import (
+    add_volume_from_array,
+    add_volume_from_decipher,
+    array_from_volume_node,
+    ijk_to_ras,
+    load_volume_file,
+    same_geometry,
+    volume_from_node,
+)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("infer", "run a bundle on one volume: segmentation, anomaly, localization, text grounding"),
     "worker": ("worker", "keep a bundle loaded and answer JSON-lines requests on stdin/stdout"),
     "index": ("index", "build and search a retrieval index of image and report embeddings"),
+    "view": ("view", "open volumes in a web browser on Slicer's scene, with the DecipherMR panel (trame-slicer)"),
 }
 
 EPILOG = """\

@@ -1,0 +1,484 @@
+"""The viewer application: a trame server holding a Slicer scene, its views and the DecipherMR panel.
+
+One :class:`ViewerApp` per server process. The scene, the slice and 3D views and their rendering are
+trame-slicer's (``SlicerApp`` + remote-controlled views); what the panel does is
+``DecipherMRLib.ModuleLogic``, exactly as in the Slicer module; this file only wires page state to
+that logic and reports back (progress, errors, results) into the page.
+
+Threading is the module's: model work runs on the runner's background thread and the scene is only
+touched on the server's event loop, where :meth:`ViewerApp.poll` delivers the runner's events (the
+Slicer widget does the same from a QTimer).
+
+>>> app = ViewerApp(bundle="demo/bundle.zip", index="demo/index")
+>>> app.server.start(port=8080, open_browser=False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import module_lib
+
+log = logging.getLogger("decipher_mr.viewer")
+
+POLL_S = 0.05
+LAYOUT = "Axial Primary"
+SLICE_VIEWS = ("Red", "Green", "Yellow")
+JOB_TITLES = {
+    "segment": "Segmentation",
+    "anomaly map": "Anomaly map",
+    "query": "Text query",
+    "similar reports": "Similar reports",
+    "find cases": "Case search",
+}
+
+
+def _short_class(node) -> str:
+    return node.GetClassName().replace("vtkMRML", "").replace("Node", "")
+
+
+class ViewerApp:
+    """The DecipherMR viewer on one trame server.
+
+    ``bundle``/``index`` configure the panel at start (they can be changed in the page);
+    ``volume`` is loaded once the page is ready; ``engine`` is ``"worker"`` (the persistent
+    ``decipher-mr worker`` process, what the Slicer module uses) or ``"in-process"``.
+    """
+
+    def __init__(
+        self,
+        server=None,
+        bundle: str | None = None,
+        index: str | None = None,
+        device: str = "auto",
+        volume: str | None = None,
+        engine: str = "worker",
+        encoder: str = "turbo-jpeg",
+        title: str = "DecipherMR",
+    ) -> None:
+        from trame.app import get_server
+        from trame_slicer import module as trame_slicer_module
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+
+        self.lib = module_lib()
+        from DecipherMRLib.Engine import InProcessEngine, WorkerEngine
+        from DecipherMRLib.ModuleLogic import ModuleLogic
+
+        self.server = server or get_server(None, client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.state = self.server.state
+        self.slicer_app = SlicerApp()
+        self.scene = self.slicer_app.scene
+        register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=encoder)
+        self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+
+        if engine not in ("worker", "in-process"):
+            raise ValueError(f"engine must be 'worker' or 'in-process', not {engine!r}")
+        factory = WorkerEngine if engine == "worker" else InProcessEngine
+        self.logic = ModuleLogic(self.scene, engine_factory=factory)
+        self.logic.runner.progress.connect(self._on_progress)
+        self.logic.runner.finished.connect(self._on_finished)
+        self.logic.runner.failed.connect(self._on_failed)
+        self.logic.runner.cancelled.connect(self._on_cancelled)
+        self._startup_volume = volume
+        self._upload_dir = tempfile.TemporaryDirectory(prefix="decipher-mr-view-")
+        self._poll_task = None
+
+        self._init_state(bundle=bundle, index=index, device=device, title=title)
+        from .ui import build_ui
+
+        self.ui = build_ui(self, title=title)
+        self.layout_manager.set_layout(LAYOUT)
+        self.server.controller.on_server_ready.add(self._on_ready)
+        self.state.change("dmr_volume_id")(self._on_volume_selected)
+        self.state.change("dmr_opacity")(self._on_opacity)
+        self.state.change("dmr_selected_hit")(self._on_hit_selected)
+        if bundle:
+            self.configure()
+
+    # --- state -------------------------------------------------------------------------------
+    def _init_state(self, bundle, index, device, title) -> None:
+        s = self.state
+        s.trame__title = title
+        s.dmr_bundle = str(bundle or "")
+        s.dmr_index = str(index or "")
+        s.dmr_device = device or "auto"
+        s.dmr_model_info = "No model bundle chosen yet."
+        s.dmr_configured = False
+        s.dmr_volume_path = ""
+        s.dmr_volumes = []
+        s.dmr_volume_id = None
+        s.dmr_busy = False
+        s.dmr_job = ""
+        s.dmr_progress = 0
+        s.dmr_message = ""
+        s.dmr_status = "Load a volume, then segment it, map anomalies, ask a question or look for similar cases."
+        s.dmr_error = ""
+        s.dmr_error_details = ""
+        s.dmr_query = ""
+        s.dmr_case_query = ""
+        s.dmr_k = 10
+        s.dmr_opacity = 0.5
+        s.dmr_has_heatmap = False
+        s.dmr_threshold = 0.5
+        s.dmr_hits = []
+        s.dmr_hits_title = ""
+        s.dmr_selected_hit = None
+        s.dmr_report = ""
+        s.dmr_scene = []
+        s.dmr_highlight = None
+        s.dmr_jobs_done = 0
+        s.dmr_last_job = None
+
+    def _error(self, message: str, details: str = "") -> None:
+        with self.state:
+            self.state.dmr_error = message
+            self.state.dmr_error_details = details
+
+    def _guard(self, what: str, fn, *args, **kwargs):
+        """Run a panel action; a failure becomes the page's error message, never a server crash."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported in the page
+            log.warning("%s failed: %s", what, type(exc).__name__)
+            self._error(f"{what}: {exc}")
+            return None
+
+    # --- model ----------------------------------------------------------------------------------
+    def configure(self) -> None:
+        """Use the bundle (and index) typed in the page; the model is loaded on the first run."""
+
+        def do():
+            bundle = self.state.dmr_bundle.strip()
+            if not bundle:
+                raise ValueError("type the path of a model bundle (a folder or a .zip)")
+            if not Path(bundle).expanduser().exists():
+                raise FileNotFoundError(f"{bundle}: no such model bundle")
+            index = self.state.dmr_index.strip() or None
+            if index and not Path(index).expanduser().exists():
+                raise FileNotFoundError(f"{index}: no such retrieval index")
+            from decipher_mr.bundle import verify_bundle
+
+            report = verify_bundle(bundle)
+            self.logic.configure(bundle, device=self.state.dmr_device, index=index)
+            heads = ", ".join(sorted(report.get("heads", {})))
+            with self.state:
+                self.state.dmr_configured = True
+                self.state.dmr_error = ""
+                name = report.get("name") or Path(bundle).name
+                self.state.dmr_model_info = (
+                    f"{name}: verified" + (f"; heads {heads}" if heads else "") + (f"; index {Path(index).name}" if index else "; no index")
+                )
+
+        self._guard("Model bundle", do)
+
+    # --- volumes ---------------------------------------------------------------------------------
+    def load_volume(self, path: str | None = None):
+        """Load a file or DICOM folder from the server's disk, show it, and make it the input."""
+        path = (path if path is not None else self.state.dmr_volume_path or "").strip()
+        if not path:
+            self._error("Open volume: type the path of an image file or a DICOM folder on the server")
+            return None
+        node = self._guard("Open volume", self.lib.load_volume_file, self.scene, path)
+        if node is not None:
+            self._show_volume(node, reset=True)
+            with self.state:
+                self.state.dmr_error = ""
+                self.state.dmr_status = f"Opened {node.GetName()} ({'x'.join(map(str, node.GetImageData().GetDimensions()))} voxels)."
+        return node
+
+    def load_uploaded(self, files: list[dict]) -> None:
+        """Files sent from the browser (one image, or every file of a DICOM folder) written to a private folder."""
+        from trame.app.file_upload import ClientFile
+
+        if not files:
+            return
+        folder = Path(tempfile.mkdtemp(dir=self._upload_dir.name))
+        written = []
+        for item in files:
+            f = ClientFile(item)
+            name = Path(str(f.name).replace("\\", "/")).name  # never a path from the client: only the base name
+            if not name or name in (".", ".."):
+                continue
+            target = folder / name
+            target.write_bytes(f.content)
+            written.append(target)
+        if not written:
+            self._error("Upload: no file was received")
+            return
+        path = written[0] if len(written) == 1 else folder
+        node = self.load_volume(str(path))
+        if node is not None and len(written) == 1:
+            node.SetName(self.scene.GenerateUniqueName(Path(item["name"]).name.split(".")[0] or "Upload"))
+            self.refresh_scene()
+
+    def _show_volume(self, node, reset: bool = False) -> None:
+        dm = self.slicer_app.display_manager
+        dm.show_volume_in_slice_background(node)
+        dm.show_volume_in_slice_foreground(None)
+        if reset:
+            dm.reset_views()
+        with self.state:
+            self.state.dmr_volume_id = node.GetID()
+            self.state.dmr_has_heatmap = False
+        self.refresh_scene()
+
+    def _on_volume_selected(self, dmr_volume_id=None, **_):
+        node = self.scene.GetNodeByID(dmr_volume_id) if dmr_volume_id else None
+        if node is None:
+            return
+        dm = self.slicer_app.display_manager
+        for view in self.slicer_app.view_manager.get_slice_views():
+            if view.get_background_volume_id() != node.GetID():
+                dm.show_volume_in_slice_background(node)
+                break
+
+    def input_node(self):
+        node = self.scene.GetNodeByID(self.state.dmr_volume_id) if self.state.dmr_volume_id else None
+        if node is None:
+            raise ValueError("load a volume first (a file or DICOM folder, or upload one)")
+        return node
+
+    # --- model actions -----------------------------------------------------------------------------
+    def _start(self, what: str, fn) -> None:
+        if self.logic.runner.busy:
+            self._error(f"{what}: DecipherMR is busy with another job; wait for it or cancel it")
+            return
+        if not self.state.dmr_configured:
+            self._error(f"{what}: choose a model bundle first")
+            return
+
+        def begin():
+            fn()
+            with self.state:
+                self.state.dmr_error = ""
+                self.state.dmr_busy = True
+                self.state.dmr_job = what
+                self.state.dmr_progress = 0
+                self.state.dmr_message = "Starting"
+
+        self._guard(what, begin)
+
+    def segment(self) -> None:
+        self._start("Segmentation", lambda: self.logic.segment(self.input_node()))
+
+    def anomaly(self) -> None:
+        self._start("Anomaly map", lambda: self.logic.anomaly(self.input_node(), opacity=float(self.state.dmr_opacity)))
+
+    def query(self) -> None:
+        text = self.state.dmr_query
+        self._start("Text query", lambda: self.logic.query(self.input_node(), text))
+
+    def similar_reports(self) -> None:
+        self._start("Similar reports", lambda: self.logic.similarReports(self.input_node(), k=int(self.state.dmr_k)))
+
+    def find_cases(self) -> None:
+        text = self.state.dmr_case_query
+        node = self.scene.GetNodeByID(self.state.dmr_volume_id) if self.state.dmr_volume_id else None
+        self._start("Case search", lambda: self.logic.findCases(text, reference_node=node, k=int(self.state.dmr_k)))
+
+    def cancel(self) -> None:
+        self.logic.runner.cancel()
+        with self.state:
+            self.state.dmr_message = "Cancelling"
+
+    def threshold_to_segment(self) -> None:
+        def do():
+            self.logic.thresholdToSegment(self.input_node(), float(self.state.dmr_threshold))
+            self.refresh_scene()
+            with self.state:
+                self.state.dmr_status = f"Anomaly map at or above {float(self.state.dmr_threshold):g} added as a segment."
+
+        self._guard("Threshold to segment", do)
+
+    def _on_opacity(self, dmr_opacity=None, **_):
+        if dmr_opacity is not None and self.state.dmr_has_heatmap:
+            self._guard("Opacity", self.logic.setOpacity, float(dmr_opacity))
+
+    def _on_hit_selected(self, dmr_selected_hit=None, **_):
+        if dmr_selected_hit is None or self.logic.lastTable is None:
+            return
+        report = self._guard("Report", self.logic.reportOfRow, int(dmr_selected_hit))
+        with self.state:
+            self.state.dmr_report = report or ""
+
+    def open_case(self) -> None:
+        def do():
+            row = self.state.dmr_selected_hit
+            if row is None:
+                raise ValueError("select a result first")
+            node = self.logic.loadCase(int(row))
+            self._show_volume(node, reset=True)
+            with self.state:
+                self.state.dmr_status = f"Opened case {node.GetName()}."
+
+        self._guard("Open case", do)
+
+    # --- runner feedback (on the event loop) --------------------------------------------------------
+    def poll(self) -> bool:
+        """Deliver the runner's events (progress, results into the scene); True while a job runs."""
+        return self.logic.runner.poll()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                self.poll()
+            except Exception:  # the loop must survive anything a job does
+                log.exception("DecipherMR viewer: poll failed")
+            await asyncio.sleep(POLL_S)
+
+    def _on_ready(self, **_):
+        from trame_server.utils.asynchronous import create_task
+
+        self._poll_task = create_task(self._poll_forever())
+        if self._startup_volume:
+            with self.state:
+                self.state.dmr_volume_path = str(self._startup_volume)
+            self.load_volume(str(self._startup_volume))
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        with self.state:
+            self.state.dmr_progress = round(100 * float(fraction))
+            self.state.dmr_message = message
+
+    def _job_ended(self, outcome: str, name: str, status: str) -> None:
+        with self.state:
+            self.state.dmr_busy = False
+            self.state.dmr_progress = 0
+            self.state.dmr_message = ""
+            self.state.dmr_status = status
+            self.state.dmr_jobs_done = int(self.state.dmr_jobs_done) + 1
+            self.state.dmr_last_job = {"name": name, "outcome": outcome}
+        self.refresh_scene()
+        self.render()
+
+    def _on_finished(self, name: str, result: Any) -> None:
+        status = f"{JOB_TITLES.get(name, name)}: done."
+        if name == "segment":
+            status = "Segmentation added to the scene."
+        elif name == "anomaly map":
+            with self.state:
+                self.state.dmr_has_heatmap = True
+            status = "Anomaly map shown over the volume; adjust its opacity below."
+        elif name == "query":
+            self._publish_highlight()
+            h = self.state.dmr_highlight
+            where = ", ".join(f"{v:.0f}" for v in h["ras"]) if h else "?"
+            status = f"Highlighted the region the query names; views centred at RAS ({where})."
+        elif name in ("similar reports", "find cases"):
+            self._publish_hits()
+            status = f"{len(self.state.dmr_hits)} results; select one to read its report."
+        self._job_ended("finished", name, status)
+
+    def _on_failed(self, name: str, message: str, details: str) -> None:
+        self._error(f"{JOB_TITLES.get(name, name)} failed: {message}")
+        self._job_ended("failed", name, f"{JOB_TITLES.get(name, name)} failed; the scene is unchanged.")
+
+    def _on_cancelled(self, name: str) -> None:
+        self._job_ended("cancelled", name, f"{JOB_TITLES.get(name, name)} cancelled; the scene is unchanged.")
+
+    # --- results into the page ----------------------------------------------------------------------
+    def _publish_hits(self) -> None:
+        table = self.logic.lastTable
+        rows = []
+        if table is not None:
+            for i in range(table.GetNumberOfRows()):
+                row = self.lib.retrieval_row(table, i)
+                rows.append(
+                    {
+                        "row": i,
+                        "rank": i + 1,
+                        "study": row.study,
+                        "score": round(float(row.score), 3),
+                        "excerpt": row.excerpt or self.lib.excerpt_of(row.report),
+                        "has_image": bool(row.image),
+                    }
+                )
+        with self.state:
+            self.state.dmr_hits = rows
+            self.state.dmr_hits_title = table.GetName() if table is not None else ""
+            self.state.dmr_selected_hit = None
+            self.state.dmr_report = ""
+
+    def slice_view_fraction(self, view, ras) -> list[float] | None:
+        """Where a RAS point lies in a slice view, as fractions of its width and height (top-left origin)."""
+        import vtk
+
+        node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view.get_view_node()
+        if node is None:
+            return None
+        xy_to_ras = vtk.vtkMatrix4x4()
+        xy_to_ras.DeepCopy(node.GetXYToRAS())
+        xy_to_ras.Invert()
+        x, y, _, _ = xy_to_ras.MultiplyPoint([*map(float, ras), 1.0])
+        dims = node.GetDimensions()
+        if not dims[0] or not dims[1]:
+            return None
+        return [float(x) / dims[0], 1.0 - float(y) / dims[1]]
+
+    def _publish_highlight(self) -> None:
+        markups = [n for n in self._nodes("vtkMRMLMarkupsFiducialNode")]
+        if not markups:
+            return
+        node = markups[-1]
+        if node.GetNumberOfControlPoints() == 0:
+            return
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPosition(node.GetNumberOfControlPoints() - 1, ras)
+        views = {}
+        for view in self.slicer_app.view_manager.get_slice_views():
+            frac = self.slice_view_fraction(view, ras)
+            if frac is not None:
+                views[view.get_singleton_tag()] = frac
+        with self.state:
+            self.state.dmr_highlight = {"ras": [float(v) for v in ras], "views": views, "markup": node.GetName()}
+
+    def _nodes(self, cls: str) -> list:
+        collection = self.scene.GetNodesByClass(cls)
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+    def refresh_scene(self) -> None:
+        """Mirror the scene's data nodes into the page (the Scene list and the volume selector)."""
+        items, volumes = [], []
+        for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLTableNode"):
+            for node in self._nodes(cls):
+                if node.GetHideFromEditors():
+                    continue
+                entry: dict[str, Any] = {"id": node.GetID(), "name": node.GetName(), "type": _short_class(node)}
+                if cls == "vtkMRMLSegmentationNode":
+                    seg = node.GetSegmentation()
+                    entry["segments"] = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+                elif cls == "vtkMRMLMarkupsFiducialNode":
+                    points = []
+                    for i in range(node.GetNumberOfControlPoints()):
+                        p = [0.0, 0.0, 0.0]
+                        node.GetNthControlPointPosition(i, p)
+                        points.append({"label": node.GetNthControlPointLabel(i), "ras": [round(v, 2) for v in p]})
+                    entry["points"] = points
+                elif cls == "vtkMRMLScalarVolumeNode":
+                    image = node.GetImageData()
+                    entry["dims"] = list(image.GetDimensions()) if image is not None else []
+                    if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                        volumes.append({"title": node.GetName(), "value": node.GetID()})
+                elif cls == "vtkMRMLTableNode":
+                    entry["rows"] = node.GetNumberOfRows()
+                items.append(entry)
+        with self.state:
+            self.state.dmr_scene = items
+            self.state.dmr_volumes = volumes
+
+    def render(self) -> None:
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
+
+    # --- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.logic.shutdown()
+        self._upload_dir.cleanup()
+

@@ -1,0 +1,222 @@
+"""The viewer page: Slicer's views in the middle, the DecipherMR panel on the left.
+
+Every control has an ``id`` (``dmr-…``) so that people can script the page and the browser tests can
+find it. Enter in a text field runs its action, like the Slicer module's line edits.
+"""
+
+from __future__ import annotations
+
+ENTER = [("keydown_enter", "keydown.enter")]
+DISCLAIMER = "Research tool, not a medical device: never use it for clinical decisions."
+
+
+def build_ui(app, title: str = "DecipherMR"):
+    from trame.ui.vuetify3 import VAppLayout
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+    from trame_slicer.app.ui import LoadVolumeUI
+
+    server = app.server
+    ctrl = server.controller
+    with VAppLayout(server, full_height=True, theme="dark") as layout:
+        with v.VAppBar(density="compact", elevation=1):
+            v.VAppBarNavIcon(click="dmr_drawer = !dmr_drawer", id="dmr-drawer-toggle")
+            v.VToolbarTitle(title, classes="flex-grow-0 mr-4", style="user-select: none;")
+            html.Span("{{ dmr_model_info }}", classes="text-caption text-grey", id="dmr-model-info")
+            v.VSpacer()
+            uploads = LoadVolumeUI()
+            uploads.on_load_volume.connect(app.load_uploaded)
+            html.Span("Research use only", classes="text-caption text-amber mx-3", title=DISCLAIMER)
+
+        with v.VNavigationDrawer(v_model=("dmr_drawer", True), width=400, permanent=True, id="dmr-panel"):
+            with html.Div(classes="pa-2 d-flex flex-column", style="gap: 8px;"):
+                _status(app)
+                _model_card(app)
+                _volume_card(app)
+                _analyse_card(app)
+                _ask_card(app)
+                _retrieval_card(app)
+                _scene_card(app)
+
+        with v.VMain():
+            with html.Div(classes="d-flex flex-row fill-height", style="height: calc(100vh - 48px - 24px);", id="dmr-views"):
+                app.layout_manager.initialize_layout_grid(layout)
+
+        with v.VFooter(app=True, height=24, classes="py-0 text-caption"):
+            v.VProgressCircular(indeterminate=("!!trame__busy || dmr_busy",), size=14, width=2, classes="mr-2")
+            html.Span("DecipherMR viewer on Slicer's MRML scene (trame-slicer). " + DISCLAIMER, classes="text-grey")
+    ctrl.dmr_configure = app.configure
+    return layout
+
+
+def _card(title: str, icon: str, **kwargs):
+    from trame.widgets import vuetify3 as v
+
+    card = v.VCard(variant="tonal", density="compact", **kwargs)
+    with card:
+        v.VCardTitle(title, prepend_icon=icon, classes="text-subtitle-1 py-1")
+    return card
+
+
+def _status(app):
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+
+    with html.Div(id="dmr-status-area"):
+        with html.Div(v_if=("dmr_busy",), id="dmr-progress", classes="mb-1"):
+            html.Div("{{ dmr_job }}: {{ dmr_message }}", classes="text-body-2")
+            with html.Div(classes="d-flex align-center", style="gap: 8px;"):
+                v.VProgressLinear(model_value=("dmr_progress",), height=8, rounded=True, color="primary",
+                                  indeterminate=("dmr_progress <= 0",))
+                v.VBtn("Cancel", size="small", variant="outlined", color="warning", click=app.cancel, id="dmr-cancel")
+        v.VAlert(
+            v_if=("dmr_error",),
+            type="error",
+            density="compact",
+            closable=True,
+            text=("dmr_error",),
+            click_close="dmr_error = ''",
+            id="dmr-error",
+            classes="mb-1",
+        )
+        html.Div("{{ dmr_status }}", classes="text-body-2 text-grey-lighten-1", id="dmr-status")
+
+
+def _model_card(app):
+    from trame.widgets import vuetify3 as v
+
+    with _card("Model", "mdi-package-variant", id="dmr-model-card"):
+        with v.VCardText(classes="pb-1"):
+            v.VTextField(v_model=("dmr_bundle",), label="Model bundle (folder or .zip on the server)", density="compact",
+                         hide_details=True, id="dmr-bundle", classes="mb-2", __events=ENTER, keydown_enter=app.configure)
+            v.VTextField(v_model=("dmr_index",), label="Retrieval index folder (optional)", density="compact",
+                         hide_details=True, id="dmr-index", classes="mb-2", __events=ENTER, keydown_enter=app.configure)
+            with v.VRow(dense=True, align="center"):
+                with v.VCol(cols=6):
+                    v.VSelect(v_model=("dmr_device",), items=("['auto', 'cpu', 'cuda']",), label="Device",
+                              density="compact", hide_details=True, id="dmr-device")
+                with v.VCol(cols=6):
+                    v.VBtn("Use this model", block=True, click=app.configure, id="dmr-configure",
+                           disabled=("dmr_busy",))
+
+
+def _volume_card(app):
+    from trame.widgets import vuetify3 as v
+
+    with _card("Volume", "mdi-cube-scan", id="dmr-volume-card"):
+        with v.VCardText(classes="pb-1"):
+            v.VTextField(
+                v_model=("dmr_volume_path",),
+                label="Image file or DICOM folder on the server",
+                density="compact",
+                hide_details=True,
+                id="dmr-volume-path",
+                append_inner_icon="mdi-folder-open",
+                click_appendInner=app.load_volume,
+                __events=ENTER,
+                keydown_enter=app.load_volume,
+                classes="mb-2",
+            )
+            v.VSelect(v_model=("dmr_volume_id",), items=("dmr_volumes",), label="Input volume", density="compact",
+                      hide_details=True, id="dmr-volume-select", no_data_text="no volume loaded")
+
+
+def _analyse_card(app):
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+
+    idle = "dmr_busy || !dmr_configured || !dmr_volume_id"
+    with _card("Segment and anomalies", "mdi-brain", id="dmr-analyse-card"):
+        with v.VCardText(classes="pb-1"):
+            with v.VRow(dense=True):
+                with v.VCol(cols=6):
+                    v.VBtn("Segment", block=True, prepend_icon="mdi-shape", click=app.segment, disabled=(idle,), id="dmr-segment")
+                with v.VCol(cols=6):
+                    v.VBtn("Anomaly map", block=True, prepend_icon="mdi-fire", click=app.anomaly, disabled=(idle,), id="dmr-anomaly")
+            with html.Div(classes="d-flex align-center mt-2", style="gap: 8px;"):
+                html.Span("Overlay opacity", classes="text-caption", style="min-width: 96px;")
+                v.VSlider(v_model=("dmr_opacity",), min=0, max=1, step=0.05, hide_details=True, density="compact",
+                          disabled=("!dmr_has_heatmap",), id="dmr-opacity", thumb_label=True)
+            with html.Div(classes="d-flex align-center", style="gap: 8px;"):
+                v.VSlider(v_model=("dmr_threshold",), min=0, max=1, step=0.05, hide_details=True, density="compact",
+                          label="Threshold", disabled=("!dmr_has_heatmap",), id="dmr-threshold", thumb_label=True)
+                v.VBtn("To segment", size="small", click=app.threshold_to_segment,
+                       disabled=("!dmr_has_heatmap || dmr_busy",), id="dmr-threshold-to-segment")
+
+
+def _ask_card(app):
+    from trame.widgets import vuetify3 as v
+
+    with _card("Ask", "mdi-text-search", id="dmr-ask-card"):
+        with v.VCardText(classes="pb-1"):
+            v.VTextField(
+                v_model=("dmr_query",),
+                label="Describe what to highlight, then press Enter",
+                placeholder="lesion in the left frontal lobe",
+                density="compact",
+                hide_details=True,
+                id="dmr-query",
+                disabled=("dmr_busy || !dmr_configured || !dmr_volume_id",),
+                append_inner_icon="mdi-keyboard-return",
+                click_appendInner=app.query,
+                __events=ENTER,
+                keydown_enter=app.query,
+            )
+
+
+def _retrieval_card(app):
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+
+    with _card("Similar reports and cases", "mdi-file-search", id="dmr-retrieval-card"):
+        with v.VCardText(classes="pb-1"):
+            with v.VRow(dense=True, align="center"):
+                with v.VCol(cols=8):
+                    v.VBtn("Reports like this volume", block=True, click=app.similar_reports, id="dmr-similar",
+                           disabled=("dmr_busy || !dmr_configured || !dmr_volume_id || !dmr_index",))
+                with v.VCol(cols=4):
+                    v.VTextField(v_model_number=("dmr_k",), type="number", label="k", density="compact", hide_details=True,
+                                 min=1, max=100, id="dmr-k")
+            v.VTextField(
+                v_model=("dmr_case_query",),
+                label="Find cases by description, then press Enter",
+                placeholder="meningioma",
+                density="compact",
+                hide_details=True,
+                classes="mt-2",
+                id="dmr-find-cases",
+                disabled=("dmr_busy || !dmr_configured || !dmr_index",),
+                __events=ENTER,
+                keydown_enter=app.find_cases,
+            )
+            html.Div("{{ dmr_hits_title }}", v_if=("dmr_hits.length",), classes="text-caption mt-2")
+            with v.VList(density="compact", v_if=("dmr_hits.length",), id="dmr-hits", max_height=220,
+                         style="overflow-y: auto;", bg_color="transparent"):
+                v.VListItem(
+                    v_for="hit in dmr_hits",
+                    key="hit.row",
+                    title=("`${hit.rank}. ${hit.study}  (${hit.score})`",),
+                    subtitle=("hit.excerpt",),
+                    active=("dmr_selected_hit === hit.row",),
+                    click="dmr_selected_hit = hit.row",
+                    id=("`dmr-hit-${hit.row}`",),
+                    lines="two",
+                )
+            v.VTextarea(v_if=("dmr_selected_hit !== null",), model_value=("dmr_report",), label="Report", readonly=True,
+                        auto_grow=True, max_rows=10, density="compact", hide_details=True, classes="mt-2", id="dmr-report")
+            v.VBtn("Open this case", v_if=("dmr_selected_hit !== null",), block=True, classes="mt-2", click=app.open_case,
+                   prepend_icon="mdi-open-in-app", id="dmr-open-case", disabled=("dmr_busy",))
+
+
+def _scene_card(app):
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+
+    with v.VExpansionPanels(variant="accordion", id="dmr-scene-card"):
+        with v.VExpansionPanel(title=("`Scene (${dmr_scene.length} nodes)`",)):
+            with v.VExpansionPanelText():
+                with html.Div(v_for="node in dmr_scene", key="node.id", classes="text-caption"):
+                    html.B("{{ node.name }}")
+                    html.Span(" {{ node.type }}", classes="text-grey")
+                    html.Span(" {{ node.segments ? node.segments.length + ' segments' : '' }}")
+                    html.Span(" {{ node.points ? node.points.length + ' points' : '' }}")
