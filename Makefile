@@ -10,7 +10,6 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CLI := $(VENV)/bin/decipher-mr
 DEMO ?= demo
-MRICRON := /usr/share/mricron/templates/ch2.nii.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.decipher-mr-setup
 
@@ -19,14 +18,14 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench clean-demo help
+.PHONY: setup debian-packages demo test bench screenshots clean-demo help
 
 help:
 	@echo "make demo   - set up, build the demo corpus and run the pipeline on it"
 	@echo "make test   - set up and run the tests"
 	@echo "make bench  - set up and run the benchmarks"
 
-setup: $(STAMP) $(MRICRON)
+setup: $(STAMP) debian-packages
 
 # Python environment: torch pinned to the CPU build on local disk, everything else from the lock file.
 $(STAMP): requirements.lock DecipherMRTraining/pyproject.toml
@@ -39,10 +38,16 @@ $(STAMP): requirements.lock DecipherMRTraining/pyproject.toml
 	  || { cat $(VENV)/editable-install.log; exit 1; }
 	@touch $@
 
-# Real MRI and atlases (Colin27, AAL) come from Debian's mricron-data package.
-$(MRICRON):
-	$(SUDO) apt-get update -qq
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mricron-data
+# Debian packages: real MRI and atlases (Colin27, AAL) from mricron-data; Chromium and ChromeDriver for
+# the viewer's browser tests; Mesa's EGL for rendering Slicer views without a display. Installed only
+# when one is missing, so a set-up machine does not call apt at all.
+DEB_PACKAGES := mricron-data chromium chromium-driver libegl1 libgl1-mesa-dri
+debian-packages:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # The corpus is rebuilt only when missing (delete $(DEMO) or run `make clean-demo` to rebuild).
 $(DEMO)/data/manifest.jsonl: | setup

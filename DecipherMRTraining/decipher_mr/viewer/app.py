@@ -16,6 +16,7 @@ Slicer widget does the same from a QTimer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -39,6 +40,40 @@ JOB_TITLES = {
 
 def _short_class(node) -> str:
     return node.GetClassName().replace("vtkMRML", "").replace("Node", "")
+
+
+@contextlib.contextmanager
+def _quiet_vtk():
+    from vtkmodules.vtkCommonCore import vtkObject
+
+    previous = vtkObject.GetGlobalWarningDisplay()
+    vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtkObject.SetGlobalWarningDisplay(previous)
+
+
+def _view_marker(view) -> None:
+    """An element ``#dmr-view-<tag>`` inside each view, so scripts and tests can find a view by name."""
+    from trame.widgets import html
+
+    html.Div(id=f"dmr-view-{view.get_singleton_tag()}", classes="dmr-view-marker", style="display: none;")
+
+
+def _slice_view_ui(server, view_id, view) -> None:
+    from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+
+    _view_marker(view)
+    view.set_visible_in_3d(True)  # the 3D view shows where the slices are
+    create_vertical_slice_view_gutter_ui(server, view_id, view)
+
+
+def _threed_view_ui(server, view_id, view) -> None:
+    from trame_slicer.app.ui import create_vertical_view_gutter_ui
+
+    _view_marker(view)
+    create_vertical_view_gutter_ui(server, view_id, view)
 
 
 class ViewerApp:
@@ -74,9 +109,11 @@ class ViewerApp:
         self.state = self.server.state
         self.slicer_app = SlicerApp()
         self.scene = self.slicer_app.scene
-        register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=encoder)
+        register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=encoder,
+                               slice_view_ui_f=_slice_view_ui, three_d_view_ui_f=_threed_view_ui)
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        with _quiet_vtk():  # creating views prints VTK 9.6 deprecation warnings that mean nothing to a user
+            self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
 
         if engine not in ("worker", "in-process"):
             raise ValueError(f"engine must be 'worker' or 'in-process', not {engine!r}")
@@ -94,7 +131,8 @@ class ViewerApp:
         from .ui import build_ui
 
         self.ui = build_ui(self, title=title)
-        self.layout_manager.set_layout(LAYOUT)
+        with _quiet_vtk():
+            self.layout_manager.set_layout(LAYOUT)
         self.server.controller.on_server_ready.add(self._on_ready)
         self.state.change("dmr_volume_id")(self._on_volume_selected)
         self.state.change("dmr_opacity")(self._on_opacity)

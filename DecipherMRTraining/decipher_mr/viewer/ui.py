@@ -21,7 +21,7 @@ def build_ui(app, title: str = "DecipherMR"):
     with VAppLayout(server, full_height=True, theme="dark") as layout:
         with v.VAppBar(density="compact", elevation=1):
             v.VAppBarNavIcon(click="dmr_drawer = !dmr_drawer", id="dmr-drawer-toggle")
-            v.VToolbarTitle(title, classes="flex-grow-0 mr-4", style="user-select: none;")
+            html.Div(title, classes="text-h6 mr-4", style="user-select: none;", id="dmr-title")
             html.Span("{{ dmr_model_info }}", classes="text-caption text-grey", id="dmr-model-info")
             v.VSpacer()
             uploads = LoadVolumeUI()
