@@ -217,13 +217,13 @@ class ViewerApp:
         self._guard("Model bundle", do)
 
     # --- volumes ---------------------------------------------------------------------------------
-    def load_volume(self, path: str | None = None):
+    def load_volume(self, path: str | None = None, name: str | None = None):
         """Load a file or DICOM folder from the server's disk, show it, and make it the input."""
         path = (path if path is not None else self.state.dmr_volume_path or "").strip()
         if not path:
             self._error("Open volume: type the path of an image file or a DICOM folder on the server")
             return None
-        node = self._guard("Open volume", self.lib.load_volume_file, self.scene, path)
+        node = self._guard("Open volume", self.lib.load_volume_file, self.scene, path, name=name)
         if node is not None:
             self._show_volume(node, reset=True)
             with self.state:
@@ -250,11 +250,11 @@ class ViewerApp:
         if not written:
             self._error("Upload: no file was received")
             return
-        path = written[0] if len(written) == 1 else folder
-        node = self.load_volume(str(path))
-        if node is not None and len(written) == 1:
-            node.SetName(self.scene.GenerateUniqueName(Path(item["name"]).name.split(".")[0] or "Upload"))
-            self.refresh_scene()
+        if len(written) == 1:
+            self.load_volume(str(written[0]))
+        else:  # the files of a DICOM folder: named after the folder the user picked, when the browser says
+            relative = str(files[0].get("webkitRelativePath") or files[0].get("relativePath") or "")
+            self.load_volume(str(folder), name=relative.split("/")[0] if "/" in relative else "DICOM upload")
 
     def _show_volume(self, node, reset: bool = False) -> None:
         dm = self.slicer_app.display_manager
@@ -276,6 +276,7 @@ class ViewerApp:
             if view.get_background_volume_id() != node.GetID():
                 dm.show_volume_in_slice_background(node)
                 break
+        self.render()
 
     def input_node(self):
         node = self.scene.GetNodeByID(self.state.dmr_volume_id) if self.state.dmr_volume_id else None
@@ -338,6 +339,7 @@ class ViewerApp:
     def _on_opacity(self, dmr_opacity=None, **_):
         if dmr_opacity is not None and self.state.dmr_has_heatmap:
             self._guard("Opacity", self.logic.setOpacity, float(dmr_opacity))
+            self.render()
 
     def _on_hit_selected(self, dmr_selected_hit=None, **_):
         if dmr_selected_hit is None or self.logic.lastTable is None:
@@ -394,7 +396,6 @@ class ViewerApp:
             self.state.dmr_jobs_done = int(self.state.dmr_jobs_done) + 1
             self.state.dmr_last_job = {"name": name, "outcome": outcome}
         self.refresh_scene()
-        self.render()
 
     def _on_finished(self, name: str, result: Any) -> None:
         status = f"{JOB_TITLES.get(name, name)}: done."
@@ -510,6 +511,7 @@ class ViewerApp:
         with self.state:
             self.state.dmr_scene = items
             self.state.dmr_volumes = volumes
+        self.render()
 
     def render(self) -> None:
         for view in self.slicer_app.view_manager.get_views():
