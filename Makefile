@@ -22,6 +22,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make demo   - set up, build the demo corpus and run the pipeline on it"
+	@echo "make screenshots - after make demo: browser tests on the demo model, pictures to Resources/Screenshots"
 	@echo "make test   - set up and run the tests"
 	@echo "make bench  - set up and run the benchmarks"
 
@@ -91,12 +92,27 @@ demo: setup $(DEMO)/data/manifest.jsonl
 	@echo "Try it:         $(CLI) infer --bundle $(DEMO)/bundle.zip --volume $(DEMO)/data/images/brain-000.nii.gz \\"
 	@echo "                  --tasks segment,anomaly --query 'lesion in the right temporal lobe' --out $(DEMO)/infer"
 	@echo "                $(CLI) index search $(DEMO)/index --text 'lesion in the left frontal lobe' -k 5"
+	@echo "Open it in the browser viewer (then visit http://localhost:8080/):"
+	@echo "                $(CLI) view --bundle $(DEMO)/bundle.zip --index $(DEMO)/index --volume $(DEMO)/data/images/brain-000.nii.gz"
 
 test: setup
 	$(PY) -m pytest Testing/python -q
 
 bench: setup
 	@set -e; for b in Testing/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# The README's and the extension's screenshots: the browser tests run on the demo model (`make demo`
+# first); their page screenshots are copied to Resources/Screenshots.
+SHOTS := Testing/artifacts/demo-model
+screenshots: setup
+	@test -f $(DEMO)/bundle.zip -a -d $(DEMO)/index || { echo "run 'make demo' first (needs $(DEMO)/bundle.zip and $(DEMO)/index)"; exit 1; }
+	DECIPHER_MR_VIEWER_BUNDLE=$(DEMO)/bundle.zip DECIPHER_MR_VIEWER_INDEX=$(DEMO)/index \
+	  DECIPHER_MR_VIEWER_MANIFEST=$(DEMO)/data/manifest.jsonl DECIPHER_MR_TEST_ARTIFACTS=$(SHOTS) \
+	  $(PY) -m pytest Testing/python/test_viewer_browser.py -q
+	@mkdir -p Resources/Screenshots
+	@n=1; for shot in query segment anomaly retrieval; do \
+	  cp $(SHOTS)/viewer/viewer-$$shot.png Resources/Screenshots/DecipherMR-$$n.png; n=$$((n+1)); done
+	@ls -l Resources/Screenshots
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -26,18 +26,26 @@ from decipher_mr import assets  # noqa: E402
 QUERY = "lesion in the left frontal lobe"
 
 
+# `make screenshots` runs these tests on the demo model (after `make demo`) for the README's pictures.
+MODEL_ENV = ("DECIPHER_MR_VIEWER_BUNDLE", "DECIPHER_MR_VIEWER_INDEX", "DECIPHER_MR_VIEWER_MANIFEST")
+
+
 @pytest.fixture(scope="module")
-def model(prepared_demo_cache, demo_corpus, tmp_path_factory):
-    """A bundle with segment, anomaly and grounding heads (a few iterations) and an index of the demo corpus."""
+def model(request, tmp_path_factory):
+    """(bundle, index, manifest): by default a bundle with segment, anomaly and grounding heads (a few
+    iterations) and an index of the test corpus; the three variables above choose another model."""
+    if all(os.environ.get(name) for name in MODEL_ENV):
+        return tuple(Path(os.environ[name]) for name in MODEL_ENV)
     from bundle_factory import shared_test_bundle
 
     from decipher_mr.index import build_index
     from decipher_mr.inference import Session
 
-    bundle = shared_test_bundle(prepared_demo_cache, tmp_path_factory)
+    cache, corpus = request.getfixturevalue("prepared_demo_cache"), request.getfixturevalue("demo_corpus")
+    bundle = shared_test_bundle(cache, tmp_path_factory)
     index = tmp_path_factory.mktemp("viewer_index") / "index"
-    build_index(Session.from_bundle(bundle, device="cpu", heads=[]), demo_corpus, index, progress=False)
-    return bundle, index
+    build_index(Session.from_bundle(bundle, device="cpu", heads=[]), corpus, index, progress=False)
+    return bundle, index, corpus
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +59,7 @@ def browser():
 
 @pytest.fixture()
 def viewer(model, tmp_path):
-    bundle, index = model
+    bundle, index, _ = model
     server = ViewerServer("--bundle", str(bundle), "--index", str(index), "--device", "cpu", log_dir=tmp_path)
     yield server
     server.close()
@@ -144,8 +152,8 @@ def test_anomaly_overlay_and_its_opacity_slider(colin):
     assert colour_mask(full).mean() >= colour_mask(shown).mean()
 
 
-def test_similar_reports_show_report_text_and_open_the_case(colin, demo_corpus):
-    page = colin
+def test_similar_reports_show_report_text_and_open_the_case(colin, model):
+    page, manifest = colin, model[2]
     page.page.fill("#dmr-k", "4")
     job = page.run_job(lambda: page.page.click("#dmr-similar"))
     assert job == {"name": "similar reports", "outcome": "finished"}, page.state("dmr_error")
@@ -158,11 +166,11 @@ def test_similar_reports_show_report_text_and_open_the_case(colin, demo_corpus):
     page.page.click("#dmr-hit-0")
     page.wait_for(lambda: page.state("dmr_report"), "the report text")
     reports = {}
-    for line in Path(demo_corpus).read_text(encoding="utf-8").splitlines():
+    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
         item = json.loads(line)
         if item.get("report"):
             path = Path(item["report"])
-            path = path if path.is_absolute() else Path(demo_corpus).parent / path
+            path = path if path.is_absolute() else Path(manifest).parent / path
             reports[item.get("study", item.get("id"))] = path.read_text(encoding="utf-8").strip()
     shown = page.page.locator("#dmr-report").input_value().strip()
     assert shown == page.state("dmr_report").strip()
