@@ -239,3 +239,36 @@ def test_jump_reaches_an_arbitrary_point_in_every_view():
         m = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode").GetSliceToRAS()
         offsets.append([m.GetElement(r, 3) for r in range(3)])
     assert offsets[0][2] == pytest.approx(35.0) and offsets[1][1] == pytest.approx(-20.0) and offsets[2][0] == pytest.approx(10.0)
+
+
+def test_load_volume_file_matches_slicers_own_reader_and_reads_dicom_folders(tmp_path):
+    """The viewer's loader (decipher_mr's checked reader -> node) gives Slicer's geometry and voxels."""
+    from DecipherMRLib import load_volume_file
+    from slicer_scenes import add_colin27
+
+    from decipher_mr.data.io import read_volume, write_dicom_series
+
+    scene = slicer.vtkMRMLScene()
+    by_slicer = add_colin27(scene)
+    ours = load_volume_file(scene, assets.colin27_t1())
+    assert ours.GetName() == "ch2"
+    assert same_geometry(ours, by_slicer)
+    np.testing.assert_array_equal(array_from_volume_node(ours), array_from_volume_node(by_slicer))
+
+    # A DICOM series folder, oblique-free but LPS-stored: the same RAS geometry comes back.
+    volume = read_volume(assets.colin27_t1())
+    volume.array = volume.array[40:120, 50:150, 60:100].astype(np.int16)
+    folder = write_dicom_series(volume, tmp_path / "dicom", series_uid="1.2.826.0.1.3680043.2.1125.42", description="T1")
+    node = load_volume_file(scene, folder, name="from-dicom")
+    assert tuple(node.GetImageData().GetDimensions()) == (80, 100, 40)
+    np.testing.assert_allclose(ijk_to_ras(node)[:3, :3], ijk_to_ras(by_slicer)[:3, :3], atol=1e-4)
+
+    # Bad input: the file is named, and nothing is added to the scene.
+    before = scene.GetNumberOfNodes()
+    flat = tmp_path / "flat.nii.gz"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8), np.float32)), str(flat))
+    with pytest.raises(Exception, match="flat.nii.gz"):
+        load_volume_file(scene, flat)
+    assert scene.GetNumberOfNodes() == before

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default="turbo-jpeg", choices=("turbo-jpeg", "jpeg", "png", "webp"),
                         help="how rendered views are sent to the page (png is lossless and larger)")
     parser.add_argument("--open", action="store_true", help="open the page in this machine's web browser")
+    parser.add_argument("--idle-exit", type=int, default=0, metavar="SECONDS",
+                        help="stop the server after this long with no page connected (default 0: never)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     app.server.controller.on_server_ready.add(announce)
     try:
         app.server.start(port=args.port, host=args.host, open_browser=args.open, show_connection_info=False,
-                         disable_logging=True)
+                         disable_logging=True, timeout=max(0, args.idle_exit))
     except KeyboardInterrupt:
         pass
     finally:
