@@ -446,7 +446,8 @@ class ViewerApp:
             self.state.dmr_report = ""
 
     def slice_view_fraction(self, view, ras) -> list[float] | None:
-        """Where a RAS point lies in a slice view, as fractions of its width and height (top-left origin)."""
+        """Where a RAS point lies in a slice view: fractions of its width and height (top-left origin), and
+        its distance from the displayed slice in slices (0 when the view shows the point's slice)."""
         import vtk
 
         node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view.get_view_node()
@@ -455,11 +456,11 @@ class ViewerApp:
         xy_to_ras = vtk.vtkMatrix4x4()
         xy_to_ras.DeepCopy(node.GetXYToRAS())
         xy_to_ras.Invert()
-        x, y, _, _ = xy_to_ras.MultiplyPoint([*map(float, ras), 1.0])
+        x, y, z, _ = xy_to_ras.MultiplyPoint([*map(float, ras), 1.0])
         dims = node.GetDimensions()
         if not dims[0] or not dims[1]:
             return None
-        return [float(x) / dims[0], 1.0 - float(y) / dims[1]]
+        return [float(x) / dims[0], 1.0 - float(y) / dims[1], float(z)]
 
     def _publish_highlight(self) -> None:
         markups = [n for n in self._nodes("vtkMRMLMarkupsFiducialNode")]
