@@ -1,0 +1,103 @@
+"""Benchmark: the browser viewer's text query, from Enter in the page to the highlight in the scene,
+against the engine alone answering the same query in the same run.
+
+A random ``vit-small`` bundle with a grounding head (speed does not depend on trained weights) is served
+by the real ``decipher-mr view`` (the model in the persistent worker process, as in the Slicer module),
+and Debian's headless Chromium opens the real Colin27 T1 (181x217x181) by typing its path. Then:
+
+* **viewer**: type a new query and press Enter; time until the page's state says the job ended
+  (worker round trip, result files, segment + markup written into the MRML scene, views jumped and
+  re-rendered, state pushed to the page). The first query (worker start, model load, encoder pass) is
+  reported on its own.
+* **baseline**: ``Session.ground`` in this process on the same volume, encoded once, a new text each time.
+
+The ratio viewer / engine is the price of the page, the worker and the scene on top of the model.
+
+    .venv/bin/python Testing/bench/bench_viewer.py [--repeats 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "python"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUERIES = ["left frontal lobe", "right temporal lobe lesion", "cerebellum", "enhancing mass near the ventricle",
+           "occipital cortex", "periventricular white matter hyperintensity", "left hippocampus", "brainstem"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--preset", default="vit-small")
+    args = parser.parse_args()
+
+    from bench_inference import make_bundle
+    from browser import CHROMIUM, CHROMIUM_ARGS, ViewerPage, ViewerServer
+    from playwright.sync_api import sync_playwright
+
+    from decipher_mr.assets import colin27_t1
+    from decipher_mr.data.io import read_volume
+    from decipher_mr.inference import Session
+
+    repeats = min(args.repeats, len(QUERIES) - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DECIPHER_MR_CACHE"] = str(Path(tmp) / "cache")
+        bundle = make_bundle(Path(tmp) / "bundle", args.preset, (2.0, 2.0, 2.0))
+
+        server = ViewerServer("--bundle", str(bundle), "--device", "cpu", "--encoder", "turbo-jpeg", log_dir=Path(tmp))
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                t = time.perf_counter()
+                page = ViewerPage(browser, server.url)
+                page.open_volume(colin27_t1())
+                page.view_image("Red", settle=0.5)
+                open_s = time.perf_counter() - t
+
+                def query(text: str) -> float:
+                    t = time.perf_counter()
+                    job = page.run_job(lambda: page.type_and_enter("#dmr-query", text), timeout=600)
+                    elapsed = time.perf_counter() - t
+                    assert job == {"name": "query", "outcome": "finished"}, page.state("dmr_error")
+                    return elapsed
+
+                first_s = query(QUERIES[0])
+                viewer = [query(q) for q in QUERIES[1:1 + repeats]]
+                segments = page.scene("Segmentation")[0]["segments"]
+                assert len(segments) == 1 + repeats, segments
+                browser.close()
+        finally:
+            server.close()
+
+        session = Session.from_bundle(bundle, device="cpu")
+        volume = read_volume(colin27_t1())
+        session.ground(volume, "warm-up query")
+        engine = []
+        for q in QUERIES[1:1 + repeats]:
+            t = time.perf_counter()
+            session.ground(volume, q + " ")
+            engine.append(time.perf_counter() - t)
+
+    v, e = statistics.median(viewer), statistics.median(engine)
+    print(f"viewer: page open + Colin27 181x217x181 loaded and drawn: {open_s:.1f} s; first query (worker start, model "
+          f"load, encoder pass): {first_s:.1f} s")
+    print(f"viewer: text query, Enter -> highlight in the scene and the page: median {v * 1000:.0f} ms over {len(viewer)} "
+          f"new queries ({args.preset}, random weights)")
+    print(f"baseline, Session.ground in-process on the encoded volume: median {e * 1000:.0f} ms; "
+          f"ratio viewer / engine = {v / e:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
