@@ -148,7 +148,7 @@ class WorkerEngine:
         path = self.folder / "in" / f"{digest.hexdigest()}.nrrd"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_volume(volume, path)
+            write_volume(volume, path, compress=False)
         return str(path)
 
     def _request(self, method: str, params: dict, progress: ProgressFn, cancel: threading.Event) -> dict:
@@ -164,7 +164,8 @@ class WorkerEngine:
             def on_progress(msg: dict) -> None:
                 progress(float(msg.get("fraction", 0.0)), STAGE_NAMES.get(msg.get("stage"), str(msg.get("stage", ""))))
 
-            handle = client.submit(method, {**params, "format": "nrrd"} if "volume" in params else params, on_progress)
+            exchange = {"format": "nrrd", "compress": False}  # private files read once: gzip would only cost time
+            handle = client.submit(method, {**params, **exchange} if "volume" in params else params, on_progress)
             self._handle = handle
             cancelled_at = None
             try:

@@ -40,6 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--preset", default="vit-small")
+    parser.add_argument("--engine", default="worker", choices=("worker", "in-process"))
     args = parser.parse_args()
 
     from bench_inference import make_bundle
@@ -55,7 +56,7 @@ def main() -> int:
         os.environ["DECIPHER_MR_CACHE"] = str(Path(tmp) / "cache")
         bundle = make_bundle(Path(tmp) / "bundle", args.preset, (2.0, 2.0, 2.0))
 
-        server = ViewerServer("--bundle", str(bundle), "--device", "cpu", "--encoder", "turbo-jpeg", log_dir=Path(tmp))
+        server = ViewerServer("--bundle", str(bundle), "--device", "cpu", "--encoder", "turbo-jpeg", "--engine", args.engine, log_dir=Path(tmp))
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -93,7 +94,7 @@ def main() -> int:
     print(f"viewer: page open + Colin27 181x217x181 loaded and drawn: {open_s:.1f} s; first query (worker start, model "
           f"load, encoder pass): {first_s:.1f} s")
     print(f"viewer: text query, Enter -> highlight in the scene and the page: median {v * 1000:.0f} ms over {len(viewer)} "
-          f"new queries ({args.preset}, random weights)")
+          f"new queries ({args.preset}, random weights, {args.engine} engine)")
     print(f"baseline, Session.ground in-process on the encoded volume: median {e * 1000:.0f} ms; "
           f"ratio viewer / engine = {v / e:.2f}x")
     return 0

@@ -196,6 +196,7 @@ class Worker:
         if fmt not in FORMATS:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
         suffix = FORMATS[fmt]
+        compress = _param(params, "compress", bool, True)  # False for private exchange files: no gzip cost
         hits_before = s.stats["encode_cache_hits"]
         enc = s.encode(volume, progress)
         cached = s.stats["encode_cache_hits"] > hits_before
@@ -205,13 +206,13 @@ class Worker:
             return {**base, "shape": list(enc.source.shape), "encode_seconds": round(enc.encode_seconds, 4)}
         if method == "segment":
             r = s.segment(volume, head, progress)
-            return {**base, **r.summary(), "file": str(write_volume(r.labels, self._out(params) / f"{stem}{suffix}"))}
+            return {**base, **r.summary(), "file": str(write_volume(r.labels, self._out(params) / f"{stem}{suffix}", compress))}
         if method in ("anomaly", "ground"):
             r = (s.anomaly_map(volume, head, progress) if method == "anomaly"
                  else s.ground(volume, _param(params, "text"), head, progress))
             out = self._out(params)
-            return {**base, **r.summary(), "file": str(write_volume(r.heatmap, out / f"{stem}{suffix}")),
-                    "mask_file": str(write_volume(r.mask, out / f"{stem}-mask{suffix}"))}
+            return {**base, **r.summary(), "file": str(write_volume(r.heatmap, out / f"{stem}{suffix}", compress)),
+                    "mask_file": str(write_volume(r.mask, out / f"{stem}-mask{suffix}", compress))}
         if method == "localize":
             return {**base, **s.localize(volume, head, progress, keep_heatmaps=False).summary()}
         if method == "classify":
