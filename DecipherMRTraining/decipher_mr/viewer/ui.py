@@ -49,6 +49,15 @@ def build_ui(app, title: str = "DecipherMR"):
     return layout
 
 
+def _action_field(model: str, label: str, action, field_id: str, icon: str | None = None, **kwargs):
+    """A compact text field whose Enter (and its icon, if any) runs ``action``."""
+    from trame.widgets import vuetify3 as v
+
+    extra = {"append_inner_icon": icon, "click_appendInner": action} if icon else {}
+    return v.VTextField(v_model=(model,), label=label, density="compact", hide_details=True, id=field_id,
+                        __events=ENTER, keydown_enter=action, **extra, **kwargs)
+
+
 def _card(title: str, icon: str, **kwargs):
     from trame.widgets import vuetify3 as v
 
@@ -87,10 +96,9 @@ def _model_card(app):
 
     with _card("Model", "mdi-package-variant", id="dmr-model-card"):
         with v.VCardText(classes="pb-1"):
-            v.VTextField(v_model=("dmr_bundle",), label="Model bundle (folder or .zip on the server)", density="compact",
-                         hide_details=True, id="dmr-bundle", classes="mb-2", __events=ENTER, keydown_enter=app.configure)
-            v.VTextField(v_model=("dmr_index",), label="Retrieval index folder (optional)", density="compact",
-                         hide_details=True, id="dmr-index", classes="mb-2", __events=ENTER, keydown_enter=app.configure)
+            _action_field("dmr_bundle", "Model bundle (folder or .zip on the server)", app.configure, "dmr-bundle",
+                          classes="mb-2")
+            _action_field("dmr_index", "Retrieval index folder (optional)", app.configure, "dmr-index", classes="mb-2")
             with v.VRow(dense=True, align="center"):
                 with v.VCol(cols=6):
                     v.VSelect(v_model=("dmr_device",), items=("['auto', 'cpu', 'cuda']",), label="Device",
@@ -105,18 +113,8 @@ def _volume_card(app):
 
     with _card("Volume", "mdi-cube-scan", id="dmr-volume-card"):
         with v.VCardText(classes="pb-1"):
-            v.VTextField(
-                v_model=("dmr_volume_path",),
-                label="Image file or DICOM folder on the server",
-                density="compact",
-                hide_details=True,
-                id="dmr-volume-path",
-                append_inner_icon="mdi-folder-open",
-                click_appendInner=app.load_volume,
-                __events=ENTER,
-                keydown_enter=app.load_volume,
-                classes="mb-2",
-            )
+            _action_field("dmr_volume_path", "Image file or DICOM folder on the server", app.load_volume,
+                          "dmr-volume-path", icon="mdi-folder-open", classes="mb-2")
             v.VSelect(v_model=("dmr_volume_id",), items=("dmr_volumes",), label="Input volume", density="compact",
                       hide_details=True, id="dmr-volume-select", no_data_text="no volume loaded")
 
@@ -149,19 +147,9 @@ def _ask_card(app):
 
     with _card("Ask", "mdi-text-search", id="dmr-ask-card"):
         with v.VCardText(classes="pb-1"):
-            v.VTextField(
-                v_model=("dmr_query",),
-                label="Describe what to highlight, then press Enter",
-                placeholder="lesion in the left frontal lobe",
-                density="compact",
-                hide_details=True,
-                id="dmr-query",
-                disabled=("dmr_busy || !dmr_configured || !dmr_volume_id",),
-                append_inner_icon="mdi-keyboard-return",
-                click_appendInner=app.query,
-                __events=ENTER,
-                keydown_enter=app.query,
-            )
+            _action_field("dmr_query", "Describe what to highlight, then press Enter", app.query, "dmr-query",
+                          icon="mdi-keyboard-return", placeholder="lesion in the left frontal lobe",
+                          disabled=("dmr_busy || !dmr_configured || !dmr_volume_id",))
 
 
 def _retrieval_card(app):
@@ -177,18 +165,9 @@ def _retrieval_card(app):
                 with v.VCol(cols=4):
                     v.VTextField(v_model_number=("dmr_k",), type="number", label="k", density="compact", hide_details=True,
                                  min=1, max=100, id="dmr-k")
-            v.VTextField(
-                v_model=("dmr_case_query",),
-                label="Find cases by description, then press Enter",
-                placeholder="meningioma",
-                density="compact",
-                hide_details=True,
-                classes="mt-2",
-                id="dmr-find-cases",
-                disabled=("dmr_busy || !dmr_configured || !dmr_index",),
-                __events=ENTER,
-                keydown_enter=app.find_cases,
-            )
+            _action_field("dmr_case_query", "Find cases by description, then press Enter", app.find_cases,
+                          "dmr-find-cases", placeholder="meningioma", classes="mt-2",
+                          disabled=("dmr_busy || !dmr_configured || !dmr_index",))
             html.Div("{{ dmr_hits_title }}", v_if=("dmr_hits.length",), classes="text-caption mt-2")
             with v.VList(density="compact", v_if=("dmr_hits.length",), id="dmr-hits", max_height=220,
                          style="overflow-y: auto;", bg_color="transparent"):
