@@ -42,7 +42,7 @@ from decipher_mr.models.clip import (
 from decipher_mr.models.text import TextTower, pad_token_ids, tokenize_reports
 from decipher_mr.train import checkpoint as ckpt
 from decipher_mr.train.clip_loss import ClipLoss
-from decipher_mr.train.distributed import all_reduce_mean, barrier, init_distributed, shutdown_distributed
+from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
 from decipher_mr.train.monitor import TrainingMonitor, effective_rank
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 
@@ -252,13 +252,7 @@ def train_align(cfg: dict[str, Any]) -> dict[str, Any]:
 
     >>> train_align(load_run_config("configs/align-demo.json", ALIGN_DEFAULTS, ["iterations=20"]))
     """
-    if not cfg.get("cache") or not cfg.get("output"):
-        raise ValueError("the config needs 'cache' (a prepared cache folder) and 'output' (a run folder)")
-    ctx = init_distributed(cfg.get("device"))
-    try:
-        return _train(cfg, ctx)
-    finally:
-        shutdown_distributed()
+    return run_distributed(_train, cfg)
 
 
 def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:

@@ -81,6 +81,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def run_distributed(train, cfg: dict[str, Any]) -> Any:
+    """Check a cache-based run config, then ``train(cfg, ctx)`` inside an initialised process group.
+
+    >>> return run_distributed(_train, cfg)      # a training entry point that reads ``cfg["cache"]``
+    """
+    if not cfg.get("cache") or not cfg.get("output"):
+        raise ValueError("the config needs 'cache' (a prepared cache folder) and 'output' (a run folder)")
+    ctx = init_distributed(cfg.get("device"))
+    try:
+        return train(cfg, ctx)
+    finally:
+        shutdown_distributed()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

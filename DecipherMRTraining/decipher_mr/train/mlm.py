@@ -32,8 +32,7 @@ from decipher_mr.train.distributed import (
     ResumableDistributedSampler,
     all_reduce_sum,
     barrier,
-    init_distributed,
-    shutdown_distributed,
+    run_distributed,
 )
 from decipher_mr.train.monitor import TrainingMonitor
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
@@ -135,13 +134,7 @@ def train_mlm(cfg: dict[str, Any]) -> dict[str, Any]:
 
     >>> train_mlm(load_run_config("configs/text-demo.json", MLM_DEFAULTS, ["iterations=10"]))
     """
-    if not cfg.get("cache") or not cfg.get("output"):
-        raise ValueError("the config needs 'cache' (a prepared cache folder) and 'output' (a run folder)")
-    ctx = init_distributed(cfg.get("device"))
-    try:
-        return _train(cfg, ctx)
-    finally:
-        shutdown_distributed()
+    return run_distributed(_train, cfg)
 
 
 def _say(ctx, message: str) -> None:

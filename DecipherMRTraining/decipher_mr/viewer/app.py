@@ -16,13 +16,14 @@ Slicer widget does the same from a QTimer).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import module_lib
+from .scene_state import hit_rows, latest_highlight, scene_summary
+from .views import quiet_vtk, slice_view_ui, threed_view_ui
 
 log = logging.getLogger("decipher_mr.viewer")
 
@@ -36,44 +37,6 @@ JOB_TITLES = {
     "similar reports": "Similar reports",
     "find cases": "Case search",
 }
-
-
-def _short_class(node) -> str:
-    return node.GetClassName().replace("vtkMRML", "").replace("Node", "")
-
-
-@contextlib.contextmanager
-def _quiet_vtk():
-    from vtkmodules.vtkCommonCore import vtkObject
-
-    previous = vtkObject.GetGlobalWarningDisplay()
-    vtkObject.GlobalWarningDisplayOff()
-    try:
-        yield
-    finally:
-        vtkObject.SetGlobalWarningDisplay(previous)
-
-
-def _view_marker(view) -> None:
-    """An element ``#dmr-view-<tag>`` inside each view, so scripts and tests can find a view by name."""
-    from trame.widgets import html
-
-    html.Div(id=f"dmr-view-{view.get_singleton_tag()}", classes="dmr-view-marker", style="display: none;")
-
-
-def _slice_view_ui(server, view_id, view) -> None:
-    from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
-
-    _view_marker(view)
-    view.set_visible_in_3d(True)  # the 3D view shows where the slices are
-    create_vertical_slice_view_gutter_ui(server, view_id, view)
-
-
-def _threed_view_ui(server, view_id, view) -> None:
-    from trame_slicer.app.ui import create_vertical_view_gutter_ui
-
-    _view_marker(view)
-    create_vertical_view_gutter_ui(server, view_id, view)
 
 
 class ViewerApp:
@@ -110,9 +73,9 @@ class ViewerApp:
         self.slicer_app = SlicerApp()
         self.scene = self.slicer_app.scene
         register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=encoder,
-                               slice_view_ui_f=_slice_view_ui, three_d_view_ui_f=_threed_view_ui)
+                               slice_view_ui_f=slice_view_ui, three_d_view_ui_f=threed_view_ui)
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
-        with _quiet_vtk():  # creating views prints VTK 9.6 deprecation warnings that mean nothing to a user
+        with quiet_vtk():  # creating views prints VTK 9.6 deprecation warnings that mean nothing to a user
             self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
 
         if engine not in ("worker", "in-process"):
@@ -131,7 +94,7 @@ class ViewerApp:
         from .ui import build_ui
 
         self.ui = build_ui(self, title=title)
-        with _quiet_vtk():
+        with quiet_vtk():
             self.layout_manager.set_layout(LAYOUT)
         self.server.controller.on_server_ready.add(self._on_ready)
         self.state.change("dmr_volume_id")(self._on_volume_selected)
@@ -158,7 +121,6 @@ class ViewerApp:
         s.dmr_message = ""
         s.dmr_status = "Load a volume, then segment it, map anomalies, ask a question or look for similar cases."
         s.dmr_error = ""
-        s.dmr_error_details = ""
         s.dmr_query = ""
         s.dmr_case_query = ""
         s.dmr_k = 10
@@ -174,10 +136,9 @@ class ViewerApp:
         s.dmr_jobs_done = 0
         s.dmr_last_job = None
 
-    def _error(self, message: str, details: str = "") -> None:
+    def _error(self, message: str) -> None:
         with self.state:
             self.state.dmr_error = message
-            self.state.dmr_error_details = details
 
     def _guard(self, what: str, fn, *args, **kwargs):
         """Run a panel action; a failure becomes the page's error message, never a server crash."""
@@ -425,90 +386,21 @@ class ViewerApp:
     # --- results into the page ----------------------------------------------------------------------
     def _publish_hits(self) -> None:
         table = self.logic.lastTable
-        rows = []
-        if table is not None:
-            for i in range(table.GetNumberOfRows()):
-                row = self.lib.retrieval_row(table, i)
-                rows.append(
-                    {
-                        "row": i,
-                        "rank": i + 1,
-                        "study": row.study,
-                        "score": round(float(row.score), 3),
-                        "excerpt": row.excerpt or self.lib.excerpt_of(row.report),
-                        "has_image": bool(row.image),
-                    }
-                )
         with self.state:
-            self.state.dmr_hits = rows
+            self.state.dmr_hits = hit_rows(self.lib, table)
             self.state.dmr_hits_title = table.GetName() if table is not None else ""
             self.state.dmr_selected_hit = None
             self.state.dmr_report = ""
 
-    def slice_view_fraction(self, view, ras) -> list[float] | None:
-        """Where a RAS point lies in a slice view: fractions of its width and height (top-left origin), and
-        its distance from the displayed slice in slices (0 when the view shows the point's slice)."""
-        import vtk
-
-        node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view.get_view_node()
-        if node is None:
-            return None
-        xy_to_ras = vtk.vtkMatrix4x4()
-        xy_to_ras.DeepCopy(node.GetXYToRAS())
-        xy_to_ras.Invert()
-        x, y, z, _ = xy_to_ras.MultiplyPoint([*map(float, ras), 1.0])
-        dims = node.GetDimensions()
-        if not dims[0] or not dims[1]:
-            return None
-        return [float(x) / dims[0], 1.0 - float(y) / dims[1], float(z)]
-
     def _publish_highlight(self) -> None:
-        markups = [n for n in self._nodes("vtkMRMLMarkupsFiducialNode")]
-        if not markups:
-            return
-        node = markups[-1]
-        if node.GetNumberOfControlPoints() == 0:
-            return
-        ras = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPosition(node.GetNumberOfControlPoints() - 1, ras)
-        views = {}
-        for view in self.slicer_app.view_manager.get_slice_views():
-            frac = self.slice_view_fraction(view, ras)
-            if frac is not None:
-                views[view.get_singleton_tag()] = frac
-        with self.state:
-            self.state.dmr_highlight = {"ras": [float(v) for v in ras], "views": views, "markup": node.GetName()}
-
-    def _nodes(self, cls: str) -> list:
-        collection = self.scene.GetNodesByClass(cls)
-        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        highlight = latest_highlight(self.scene, self.slicer_app.view_manager.get_slice_views())
+        if highlight is not None:
+            with self.state:
+                self.state.dmr_highlight = highlight
 
     def refresh_scene(self) -> None:
         """Mirror the scene's data nodes into the page (the Scene list and the volume selector)."""
-        items, volumes = [], []
-        for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLTableNode"):
-            for node in self._nodes(cls):
-                if node.GetHideFromEditors():
-                    continue
-                entry: dict[str, Any] = {"id": node.GetID(), "name": node.GetName(), "type": _short_class(node)}
-                if cls == "vtkMRMLSegmentationNode":
-                    seg = node.GetSegmentation()
-                    entry["segments"] = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
-                elif cls == "vtkMRMLMarkupsFiducialNode":
-                    points = []
-                    for i in range(node.GetNumberOfControlPoints()):
-                        p = [0.0, 0.0, 0.0]
-                        node.GetNthControlPointPosition(i, p)
-                        points.append({"label": node.GetNthControlPointLabel(i), "ras": [round(v, 2) for v in p]})
-                    entry["points"] = points
-                elif cls == "vtkMRMLScalarVolumeNode":
-                    image = node.GetImageData()
-                    entry["dims"] = list(image.GetDimensions()) if image is not None else []
-                    if node.GetClassName() == "vtkMRMLScalarVolumeNode":
-                        volumes.append({"title": node.GetName(), "value": node.GetID()})
-                elif cls == "vtkMRMLTableNode":
-                    entry["rows"] = node.GetNumberOfRows()
-                items.append(entry)
+        items, volumes = scene_summary(self.scene)
         with self.state:
             self.state.dmr_scene = items
             self.state.dmr_volumes = volumes
