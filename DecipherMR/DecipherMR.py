@@ -7,10 +7,12 @@ imports every module at start-up, and torch/decipher_mr load only when the user 
 """
 
 import logging
+from typing import Annotated
 
+import ctk
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -21,9 +23,9 @@ from slicer.util import VTKObservationMixin
 
 import vtk
 
-BUNDLE_SETTING = "DecipherMR/BundlePath"
-DEVICE_SETTING = "DecipherMR/Device"
-INDEX_SETTING = "DecipherMR/IndexPath"
+# The choices of the device combo box (DecipherMRLib.PanelInputs.DEVICES; repeated here because the
+# parameter node is declared when Slicer imports this file, before DecipherMRLib is on the path).
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
 
 class DecipherMR(ScriptedLoadableModule):
@@ -40,7 +42,7 @@ class DecipherMR(ScriptedLoadableModule):
             "<b>Similar reports</b> and <b>Find cases</b> (retrieval tables; select a row to read the report). "
             "Model work runs in a background worker process with progress and Cancel; a cancelled or failed "
             "run leaves the scene as it was. Research use only, not for clinical use. "
-            '<a href="https://github.com/decipher-mr/DecipherMR#the-slicer-module">Documentation</a>.'
+            '<a href="https://github.com/decipher-mr/SlicerDecipherMR#the-slicer-module">Documentation</a>.'
         )
         self.parent.acknowledgementText = (
             "An open re-implementation of Decipher-MR. If you use it, please cite: "
@@ -50,13 +52,18 @@ class DecipherMR(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class DecipherMRParameterNode:
+    """What the panel holds. Slicer's GUI connectors refuse a QComboBox bound to a bare ``str`` (it needs
+    ``Choice``) and a ctkSliderWidget bound to an unbounded ``float`` (it needs ``WithinRange``); see
+    docs/slicer-compatibility.md. The two paths are bound by hand (the connectors map ctkPathLineEdit to
+    pathlib types only)."""
+
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     bundlePath: str = ""
-    device: str = "auto"
+    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     indexPath: str = ""
     query: str = ""
-    opacity: float = 0.5
-    threshold: float = 0.5
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
 class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -66,12 +73,24 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.ui = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        from DecipherMRLib.Compatibility import unsupported_reason
+
+        reason = unsupported_reason((slicer.app.majorVersion, slicer.app.minorVersion))
+        if reason:  # an older Slicer: say why in the panel and build nothing that needs the engine
+            label = qt.QLabel(reason)
+            label.wordWrap = True
+            label.objectName = "unsupportedSlicerLabel"
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DecipherMR.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -88,14 +107,18 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         runner.failed.connect(self.onFailed)
         runner.cancelled.connect(self.onCancelled)
 
-        settings = qt.QSettings()
-        self.ui.bundlePathLineEdit.filters = self.ui.bundlePathLineEdit.Dirs | self.ui.bundlePathLineEdit.Files
-        self.ui.bundlePathLineEdit.nameFilters = ["DecipherMR bundle (*.zip config.json)"]
-        self.ui.indexPathLineEdit.filters = self.ui.indexPathLineEdit.Dirs
-        # Path edits are bound by hand: the parameter-node GUI connectors map them to pathlib types only.
-        self.ui.bundlePathLineEdit.currentPathChanged.connect(lambda path: self._setPath("bundlePath", path))
+        # A bundle is a .zip or a folder. No name filters: ctkPathLineEdit turns them into a validator that
+        # accepts only the listed extensions (a typed folder would never count as chosen). Browse opens a
+        # file dialog (a zip, or a folder's config.json); the Folder button picks a folder.
+        self.ui.bundlePathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Dirs
+        self.ui.bundlePathLineEdit.nameFilters = []
+        self.ui.indexPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.bundlePathLineEdit.currentPathChanged.connect(self.onBundlePathChanged)
         self.ui.indexPathLineEdit.currentPathChanged.connect(lambda path: self._setPath("indexPath", path))
+        self.ui.bundleFolderButton.clicked.connect(self.onChooseBundleFolder)
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
+        # qMRMLTableView keeps one model for every table node it shows, so this connection is made once.
+        self.ui.resultsTableView.selectionModel().currentRowChanged.connect(self.onResultSelected)
 
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.anomalyButton.clicked.connect(self.onAnomaly)
@@ -117,22 +140,20 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        if not self._parameterNode.bundlePath:
-            self._parameterNode.bundlePath = settings.value(BUNDLE_SETTING, "")
-            self._parameterNode.device = settings.value(DEVICE_SETTING, "auto")
-            self._parameterNode.indexPath = settings.value(INDEX_SETTING, "")
-            self.setParameterNode(self._parameterNode)  # show the remembered paths
 
     def cleanup(self):
         self.removeObservers()
         if self.logic is not None:
+            self.rememberInputs()
             self.logic.shutdown()
 
     def enter(self):
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self):
         if self._parameterNode:
+            self.rememberInputs()
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
@@ -145,11 +166,18 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.bundlePath:
+            # All remembered values go in before the panel is connected: no observer runs in between.
+            from DecipherMRLib.PanelInputs import remembered_inputs
+
+            for name, value in remembered_inputs(qt.QSettings()).items():
+                setattr(parameterNode, name, value)
+        if not parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                self._parameterNode.inputVolume = first
+                parameterNode.inputVolume = first
+        self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
@@ -163,9 +191,33 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.indexPathLineEdit.currentPath = self._parameterNode.indexPath
             self.updateButtons()
 
+    def rememberInputs(self):
+        """Remember the bundle, device and index for the next session (on a run and on leaving the module)."""
+        if self._parameterNode is None or not self._parameterNode.bundlePath:
+            return
+        from DecipherMRLib.PanelInputs import remember_inputs
+
+        p = self._parameterNode
+        remember_inputs(qt.QSettings(), {"bundlePath": p.bundlePath, "device": p.device, "indexPath": p.indexPath})
+
     def _setPath(self, name, path):
         if self._parameterNode and getattr(self._parameterNode, name) != path:
             setattr(self._parameterNode, name, path)
+
+    def onBundlePathChanged(self, path):
+        from DecipherMRLib.PanelInputs import bundle_location
+
+        location = bundle_location(path)
+        if location != path:  # a folder's config.json was picked: the bundle is the folder
+            self.ui.bundlePathLineEdit.currentPath = location
+            return
+        self._setPath("bundlePath", location)
+
+    def onChooseBundleFolder(self):
+        start = self._parameterNode.bundlePath if self._parameterNode else ""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Choose a DecipherMR bundle folder", start)
+        if folder:
+            self.ui.bundlePathLineEdit.currentPath = folder
 
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
@@ -181,12 +233,6 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdToSegmentButton.enabled = idle and self.logic.lastHeatmap is not None
         self.ui.loadCaseButton.enabled = idle and self.logic.lastTable is not None
         self.ui.cancelButton.enabled = self.logic.runner.state.value == "running"
-        if p.bundlePath:
-            settings = qt.QSettings()
-            settings.setValue(BUNDLE_SETTING, p.bundlePath)
-            settings.setValue(DEVICE_SETTING, p.device)
-            settings.setValue(INDEX_SETTING, p.indexPath)
-
     # --- runs -------------------------------------------------------------------------------
     def _run(self, start):
         if not self.logic.dependenciesReady() and not self.onDependencies():
@@ -194,6 +240,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p = self._parameterNode
             self.logic.configure(p.bundlePath, p.device, index=p.indexPath or None)
+            self.rememberInputs()
             start(p)
         except Exception as exc:
             logging.exception("DecipherMR could not start")
@@ -261,7 +308,6 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsTableView.setMRMLTableNode(self.logic.lastTable)
             for column in (4, 5):  # the full report and image path are shown on selection, not as columns
                 self.ui.resultsTableView.setColumnHidden(column, True)
-            self.ui.resultsTableView.selectionModel().currentRowChanged.connect(self.onResultSelected)
             self.ui.retrievalCollapsibleButton.collapsed = False
         self.updateButtons()
 
@@ -343,7 +389,9 @@ class DecipherMRLogic(ScriptedLoadableModuleLogic):
 
 
 class DecipherMRTest(ScriptedLoadableModuleTest):
-    """Self-test of the Qt-free core on the application's scene (offline: a phantom, no sample download).
+    """Self-test in the application (registered with ``slicer_add_python_unittest``): the panel builds,
+    accepts a volume and a bundle folder and enables its buttons; the Qt-free core writes segments and a
+    heatmap on an oblique phantom. Offline and quick (no download, no model run).
 
     The full suites (real Colin27, a trained bundle, the worker) run with pytest: see the README.
     """
@@ -353,7 +401,44 @@ class DecipherMRTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_panel_enables_its_buttons_for_a_volume_and_a_bundle_folder()
+        self.setUp()
         self.test_core_writes_segments_and_heatmap_on_an_oblique_volume()
+
+    def test_panel_enables_its_buttons_for_a_volume_and_a_bundle_folder(self):
+        import json
+        import tempfile
+        from pathlib import Path
+
+        self.delayDisplay("Building the DecipherMR panel")
+        slicer.util.selectModule("DecipherMR")  # builds the widget (setup) and enters it
+        widget = slicer.util.getModuleWidget("DecipherMR")
+        if widget.ui is None:  # an unsupported Slicer: the panel shows why, and that is all it may do
+            self.delayDisplay("Slicer too old for DecipherMR: the panel shows the reason")
+            return
+        ui = widget.ui
+        self.assertFalse(ui.segmentButton.enabled)
+        self.assertEqual([ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)], DEVICE_CHOICES)
+
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "panel test volume")
+        ui.inputVolumeSelector.setCurrentNode(volume)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "config.json").write_text(json.dumps({"format_version": 1}))
+            ui.bundlePathLineEdit.currentPath = folder  # a folder is a bundle: no validator may refuse it
+            self.assertEqual(widget._parameterNode.bundlePath, folder)
+            self.assertTrue(ui.segmentButton.enabled)
+            self.assertTrue(ui.anomalyButton.enabled)
+            self.assertFalse(ui.queryButton.enabled)
+            ui.queryLineEdit.text = "left frontal lobe"
+            self.assertTrue(ui.queryButton.enabled)
+            ui.deviceComboBox.currentIndex = DEVICE_CHOICES.index("cpu")
+            self.assertEqual(widget._parameterNode.device, "cpu")
+            ui.opacitySlider.value = 0.25
+            self.assertAlmostEqual(widget._parameterNode.opacity, 0.25)
+            ui.bundlePathLineEdit.currentPath = str(Path(folder) / "config.json")  # picked with browse
+            self.assertEqual(widget._parameterNode.bundlePath, folder)
+            ui.bundlePathLineEdit.currentPath = ""
+        self.delayDisplay("DecipherMR panel test passed")
 
     def test_core_writes_segments_and_heatmap_on_an_oblique_volume(self):
         import numpy as np

@@ -114,6 +114,30 @@ def test_extension_cmake_has_the_metadata_slicer_needs():
     assert re.search(r'set\(EXTENSION_DEPENDS "?PyTorch"?\)', cmake)
 
 
+def test_extension_urls_name_a_repository_that_starts_with_slicer():
+    # The Extensions Index's description check: the repository of an extension must be named Slicer*.
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = {key: re.search(rf'set\(EXTENSION_{key} "([^"]+)"\)', cmake).group(1).split() for key in ("HOMEPAGE", "ICONURL", "SCREENSHOTURLS")}
+    assert len(urls["SCREENSHOTURLS"]) == 4
+    for key, values in urls.items():
+        for url in values:
+            repository = re.match(r"https://(?:github\.com|raw\.githubusercontent\.com)/[^/]+/([^/#]+)", url).group(1)
+            assert repository.startswith("Slicer"), (key, url)
+            if key != "HOMEPAGE":  # the pictures the index shows exist in this repository at that path
+                assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+    module_help = MODULE_FILE.read_text(encoding="utf-8")
+    assert urls["HOMEPAGE"][0] in module_help
+
+
+def test_module_self_test_is_registered_as_a_ctest():
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    block = re.search(r"if\(BUILD_TESTING\)(.*?)endif\(\)", cmake, re.S)
+    assert block and re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", block.group(1))
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    run_test = source.split("    def runTest(self):", 1)[1].split("\n    def ", 1)[0]
+    assert "self.test_panel_enables_its_buttons_for_a_volume_and_a_bundle_folder()" in run_test
+
+
 def test_icons_are_128_pixel_pngs_and_the_same_image():
     from PIL import Image
 

@@ -1,8 +1,8 @@
 """Reading bundle zips safely: every entry is checked before anything is written.
 
 A zip is never extracted next to itself or into the current directory. It goes to a per-user cache
-folder keyed by the zip's sha256 (``$DECIPHER_MR_CACHE``, else ``$XDG_CACHE_HOME/decipher-mr``, else
-``~/.cache/decipher-mr``, then ``bundles/<hash>``), under a temporary name that is renamed into place
+folder keyed by the zip's sha256 (``bundles/<hash>`` under :func:`user_cache_base`: ``$DECIPHER_MR_CACHE``,
+else the platform's per-user cache folder), under a temporary name that is renamed into place
 once every file is out, so a reader sees a whole extraction or none. The same zip is extracted once;
 its files are still checked against the manifest on every load (see :mod:`decipher_mr.bundle.reader`).
 
@@ -16,14 +16,39 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Mapping
 
 from decipher_mr.bundle.format import BundleError
 from decipher_mr.storage import sha256_file
 
 COPY_CHUNK = 1 << 20
+
+
+def user_cache_base(platform: str = sys.platform, env: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
+    """The per-user cache folder of DecipherMR on this platform: ``$DECIPHER_MR_CACHE`` when set, else
+    ``%LOCALAPPDATA%\\decipher-mr\\Cache`` on Windows, ``~/Library/Caches/decipher-mr`` on macOS and
+    ``$XDG_CACHE_HOME/decipher-mr`` (default ``~/.cache/decipher-mr``) elsewhere.
+
+    The Slicer module's ``DecipherMRLib.ModelsFolder`` applies the same rule without importing this
+    package (a test keeps the two equal on every platform).
+
+    >>> user_cache_base("darwin", env={}, home=Path("/Users/me"))
+    PosixPath('/Users/me/Library/Caches/decipher-mr')
+    """
+    env = os.environ if env is None else env
+    home = Path.home() if home is None else Path(home)
+    if env.get("DECIPHER_MR_CACHE"):
+        return Path(env["DECIPHER_MR_CACHE"]).expanduser()
+    if platform.startswith("win"):
+        return Path(env.get("LOCALAPPDATA") or str(home / "AppData" / "Local")) / "decipher-mr" / "Cache"
+    if platform == "darwin":
+        return home / "Library" / "Caches" / "decipher-mr"
+    xdg = env.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else home / ".cache") / "decipher-mr"
 
 
 def bundle_cache_root() -> Path:
@@ -32,11 +57,7 @@ def bundle_cache_root() -> Path:
     >>> bundle_cache_root()
     PosixPath('/home/me/.cache/decipher-mr/bundles')
     """
-    base = os.environ.get("DECIPHER_MR_CACHE")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = str(Path(xdg) / "decipher-mr") if xdg else str(Path.home() / ".cache" / "decipher-mr")
-    return Path(base).expanduser() / "bundles"
+    return user_cache_base() / "bundles"
 
 
 def safe_member_path(info: zipfile.ZipInfo, zip_path: Path) -> PurePosixPath | None:
