@@ -41,7 +41,8 @@ class DecipherMR(ScriptedLoadableModule):
             "threshold to segment), <b>Text query</b> (a segment and a markup where the text points; Enter runs it), "
             "<b>Similar reports</b> and <b>Find cases</b> (retrieval tables; select a row to read the report). "
             "Model work runs in a background worker process with progress and Cancel; a cancelled or failed "
-            "run leaves the scene as it was. Research use only, not for clinical use. "
+            "run leaves the scene as it was. Needs 3D Slicer 5.10 or newer (Python 3.10+ for PyTorch); on "
+            "an older Slicer the panel says so. Research use only, not for clinical use. "
             '<a href="https://github.com/decipher-mr/SlicerDecipherMR#the-slicer-module">Documentation</a>.'
         )
         self.parent.acknowledgementText = (
