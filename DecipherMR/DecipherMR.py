@@ -116,6 +116,10 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.indexPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.bundlePathLineEdit.currentPathChanged.connect(self.onBundlePathChanged)
         self.ui.indexPathLineEdit.currentPathChanged.connect(lambda path: self._setPath("indexPath", path))
+        # currentPathChanged is emitted for acceptable text only, and empty text is never acceptable: a
+        # path edit emptied by the user reports it through validInputChanged.
+        self.ui.bundlePathLineEdit.validInputChanged.connect(lambda valid: self._clearIfEmpty("bundlePath", self.ui.bundlePathLineEdit))
+        self.ui.indexPathLineEdit.validInputChanged.connect(lambda valid: self._clearIfEmpty("indexPath", self.ui.indexPathLineEdit))
         self.ui.bundleFolderButton.clicked.connect(self.onChooseBundleFolder)
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
         # qMRMLTableView keeps one model for every table node it shows, so this connection is made once.
@@ -204,6 +208,10 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setPath(self, name, path):
         if self._parameterNode and getattr(self._parameterNode, name) != path:
             setattr(self._parameterNode, name, path)
+
+    def _clearIfEmpty(self, name, pathLineEdit):
+        if not pathLineEdit.currentPath.strip():
+            self._setPath(name, "")
 
     def onBundlePathChanged(self, path):
         from DecipherMRLib.PanelInputs import bundle_location
@@ -438,7 +446,9 @@ class DecipherMRTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(widget._parameterNode.opacity, 0.25)
             ui.bundlePathLineEdit.currentPath = str(Path(folder) / "config.json")  # picked with browse
             self.assertEqual(widget._parameterNode.bundlePath, folder)
-            ui.bundlePathLineEdit.currentPath = ""
+            ui.bundlePathLineEdit.currentPath = ""  # emptied: the bundle is no longer chosen
+            self.assertEqual(widget._parameterNode.bundlePath, "")
+            self.assertFalse(ui.segmentButton.enabled)
         self.delayDisplay("DecipherMR panel test passed")
 
     def test_core_writes_segments_and_heatmap_on_an_oblique_volume(self):
