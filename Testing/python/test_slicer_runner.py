@@ -1,4 +1,6 @@
-"""The module's runner (Idle -> Running -> Cancelling), the dependency check and the models folder.
+"""The module's runner (Idle -> Running -> Cancelling) and the models folder.
+
+The dependency check and install are tested in test_slicer_dependencies.py.
 
 Jobs here are real work on real data (reading Colin27, building a heatmap) on a real background thread;
 results land in a real MRML scene through the same all-or-nothing path the panel uses.
@@ -19,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DecipherMR"))
 
 from DecipherMRLib import array_from_volume_node, write_heatmap  # noqa: E402
-from DecipherMRLib.Dependencies import (  # noqa: E402
-    check_dependencies,
-    install_missing,
-    install_plan,
-    package_requirements,
-    shipped_package_dir,
-    version_satisfies,
-)
 from DecipherMRLib.ModelsFolder import clear_models_folder, models_folder  # noqa: E402
 from DecipherMRLib.Runner import InferenceRunner, RunState  # noqa: E402
 from decipher_mr import assets  # noqa: E402
@@ -166,36 +160,6 @@ def test_a_failing_job_or_a_failing_apply_reports_a_clear_error_and_rolls_back()
     assert seen.kinds()[-1] == "failed" and "Colin27" in seen.events[-1][2]
     assert node_count(scene) == before
     assert runner.state is RunState.IDLE
-
-
-def test_dependency_check_lists_what_the_shipped_package_needs_and_how_it_is_installed():
-    package = shipped_package_dir()
-    assert package == ROOT / "DecipherMRTraining"
-    names = [name for name, _ in package_requirements(package)]
-    assert "torch" in names and "numpy" in names
-    reqs = check_dependencies(pytorch_extension=True)
-    by_name = {r.name: r for r in reqs}
-    assert by_name["torch"].via == "PyTorch extension"
-    assert by_name["decipher-mr"].via == "shipped copy" and by_name["decipher-mr"].source == str(package)
-    assert not by_name["numpy"].missing  # installed in this environment
-    assert version_satisfies("2.13.0+cpu", ">=2.4") and not version_satisfies("2.3.1", ">=2.4")
-    assert install_plan(reqs).startswith(("Everything", "DecipherMR needs"))
-
-
-def test_install_plan_lists_each_missing_item_once_and_installs_torch_first(tmp_path):
-    package = tmp_path / "DecipherMRTraining"
-    package.mkdir()
-    (package / "pyproject.toml").write_text(
-        '[project]\nname = "decipher-mr"\nversion = "9.9.9"\ndependencies = ["torch>=99", "numpy>=1.0", "surely-not-installed-pkg>=1"]\n'
-    )
-    reqs = check_dependencies(package, pytorch_extension=True)
-    plan = install_plan(reqs)
-    assert plan.count("torch") == 1 and "surely-not-installed-pkg" in plan and "numpy" not in plan
-    assert "decipher-mr ==9.9.9" in plan and str(package) in plan
-    calls = []
-    done = install_missing(reqs, pip_install=lambda spec: calls.append(("pip", spec)), install_torch=lambda: calls.append(("torch",)))
-    assert calls[0] == ("torch",) and calls[-1] == ("pip", f'"{package}"')
-    assert done == ["torch", "surely-not-installed-pkg", "decipher-mr"]
 
 
 def test_models_folder_follows_the_bundle_cache_rule_and_clears_only_itself(tmp_path, monkeypatch):
