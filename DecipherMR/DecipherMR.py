@@ -329,22 +329,31 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- dependencies and models folder ---------------------------------------------------------
     def onDependencies(self):
-        """Show, once, everything that would be installed; install only after the user agrees."""
-        from DecipherMRLib.Dependencies import check_dependencies, install_missing, install_plan
+        """Show, once, everything that would be installed (pip's own dry run of the same command); install
+        only after the user agrees. Returns True when everything is there."""
+        from DecipherMRLib.Dependencies import install, plan_install
 
         torchLogic = self.logic.pytorchExtensionLogic()
-        requirements = check_dependencies(pytorch_extension=torchLogic is not None)
-        if not any(r.missing for r in requirements):
-            self.ui.statusLabel.text = "Everything DecipherMR needs is installed."
-            return True
-        if not slicer.util.confirmOkCancelDisplay(install_plan(requirements), "DecipherMR dependencies"):
+        with slicer.util.WaitCursor():  # pip's dry run asks the package index: a few seconds
+            plan = plan_install(pytorch_extension=torchLogic is not None)
+        if plan.problem:  # the package copy is not found, or this Slicer is too old
+            slicer.util.errorDisplay(plan.problem, windowTitle="DecipherMR dependencies")
             return False
-        with slicer.util.tryWithErrorDisplay("Installing DecipherMR's dependencies failed.", waitCursor=True):
-            installTorch = (lambda: torchLogic.installTorch(askConfirmation=False)) if torchLogic else None
-            install_missing(requirements, slicer.util.pip_install, installTorch)
-            self.ui.statusLabel.text = "Dependencies installed."
+        if not plan.missing:
+            self.ui.statusLabel.text = plan.text()
             return True
-        return False
+        if not slicer.util.confirmOkCancelDisplay(plan.text(), "DecipherMR dependencies"):
+            return False
+        try:
+            # tryWithErrorDisplay shows the error and re-raises it: the except below turns it into False.
+            with slicer.util.tryWithErrorDisplay("Installing DecipherMR's dependencies failed.", waitCursor=True):
+                install(plan, slicer.util.pip_install, torchLogic.installTorch if torchLogic else None)
+        except Exception:
+            logging.exception("DecipherMR: installing dependencies failed")
+            self.ui.statusLabel.text = "Installing the dependencies failed; nothing else was changed."
+            return False
+        self.ui.statusLabel.text = "Dependencies installed."
+        return True
 
     def onOpenModelsFolder(self):
         from DecipherMRLib.ModelsFolder import models_folder
