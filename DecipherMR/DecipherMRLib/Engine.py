@@ -9,7 +9,8 @@ Two backends answer the same calls (``segment``, ``anomaly``, ``ground``, ``simi
 * ``InProcessEngine``: a ``decipher_mr.inference.Session`` in this process (scripts, tests, and Slicer
   builds where a subprocess is not wanted). Cancel interrupts it at the next transformer block.
 
-``decipher_mr`` is imported inside the methods: building the connection is what loads torch.
+``decipher_mr`` is imported inside the methods. ``WorkerEngine`` only ever imports torch-free modules
+(the client, ``decipher_mr.data``): torch loads in the worker process, never in Slicer's GUI process.
 """
 
 from __future__ import annotations
@@ -110,14 +111,19 @@ class WorkerEngine:
 
     >>> engine = WorkerEngine("demo/bundle.zip", device="auto", index="demo/index")
     >>> result = engine.ground(volume, "left frontal lobe", progress=lambda f, m: None, cancel=threading.Event())
+
+    ``cancel_grace_s``: how long a cancelled request may take to answer before the worker's whole
+    process tree is killed.
     """
 
-    def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None) -> None:
+    def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None,
+                 cancel_grace_s: float = CANCEL_GRACE_S) -> None:
         import tempfile
         from pathlib import Path
 
         self.bundle, self.device, self.index = str(bundle), device, index
         self.python = python
+        self.cancel_grace_s = float(cancel_grace_s)
         self.folder = Path(tempfile.mkdtemp(prefix="decipher-mr-slicer-"))
         self._client = None
         self._handle = None
@@ -130,6 +136,8 @@ class WorkerEngine:
         from .Dependencies import worker_python
 
         if self._client is None or not self._client.alive:
+            if self._client is not None:
+                self._client.kill()  # a launcher that died may leave the real worker running: stop it first
             progress(0.0, "Starting the DecipherMR worker and loading the model")
             self._client = WorkerClient(self.bundle, device=self.device, out=str(self.folder / "out"), python=self.python or worker_python())
             self._client.start()
@@ -176,8 +184,10 @@ class WorkerEngine:
                         if cancel.is_set() and cancelled_at is None:
                             cancelled_at = time.monotonic()
                             handle.cancel()
-                        elif cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-                            client.kill()
+                        elif cancelled_at is not None and time.monotonic() - cancelled_at > self.cancel_grace_s:
+                            client.kill()  # the whole tree: a launcher's child would go on computing
+                            raise RequestCancelled(f"the worker did not stop within {self.cancel_grace_s:g} s of the "
+                                                   "cancel and was stopped; the next run starts a new one", "cancelled")
             finally:
                 self._handle = None
 
@@ -242,6 +252,19 @@ def default_engine_factory():
 
     >>> engine = default_engine_factory()("demo/bundle.zip", device="auto", index=None)
     """
-    if importlib.util.find_spec("decipher_mr.inference.client") is not None:
-        return WorkerEngine
-    return InProcessEngine
+    return WorkerEngine if _client_installed() else InProcessEngine
+
+
+def _client_installed() -> bool:
+    """Whether ``decipher_mr/inference/client.py`` exists, found without importing anything.
+
+    ``find_spec`` of a dotted name imports its parent packages; a top-level name only locates it.
+
+    >>> _client_installed()
+    True
+    """
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("decipher_mr")
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    return any((Path(folder) / "inference" / "client.py").is_file() for folder in folders)

@@ -4,13 +4,40 @@ segmentation, anomaly, text-grounding, localization and retrieval requests in th
 >>> from decipher_mr.inference import Session
 >>> s = Session.from_bundle("model.zip")
 >>> s.ground("t1.nii.gz", "left frontal lobe").heatmap      # a Volume on the input's grid
+
+The names below are imported on first use (PEP 562): importing this package, or its torch-free
+``decipher_mr.inference.client`` from 3D Slicer's GUI process, must not load torch.
 """
 
-from decipher_mr.inference.encoding import EncodedVolume, TokenCache, volume_content_hash
-from decipher_mr.inference.errors import Cancelled, InferenceError, QueryError
-from decipher_mr.inference.results import HeatmapResult, LocalizationResult, RetrievalHit, SegmentationResult
-from decipher_mr.inference.session import Session, as_volume, bundle_fingerprint, resolve_device
+from __future__ import annotations
 
-__all__ = ["Cancelled", "EncodedVolume", "HeatmapResult", "InferenceError", "LocalizationResult", "QueryError",
-           "RetrievalHit", "SegmentationResult", "Session", "TokenCache", "as_volume", "bundle_fingerprint",
-           "resolve_device", "volume_content_hash"]
+import importlib
+from typing import Any
+
+# exported name -> submodule that defines it
+_EXPORTS = {
+    "Cancelled": "errors", "InferenceError": "errors", "QueryError": "errors",
+    "EncodedVolume": "encoding", "TokenCache": "encoding", "volume_content_hash": "encoding",
+    "HeatmapResult": "results", "LocalizationResult": "results", "RetrievalHit": "results",
+    "SegmentationResult": "results",
+    "Session": "session", "as_volume": "session", "bundle_fingerprint": "session", "resolve_device": "session",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its submodule the first time it is asked for.
+
+    >>> import decipher_mr.inference as inference; inference.QueryError     # loads errors.py only
+    """
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

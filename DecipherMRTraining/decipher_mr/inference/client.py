@@ -5,6 +5,11 @@ callback, cancels, and turns a worker that dies (killed, out of memory, a crash 
 into a :class:`WorkerCrashed` error naming the exit code and the last lines the worker wrote on
 stderr. Callbacks run on the client's reader thread: a GUI hands them to its own thread.
 
+The program started may be a launcher (3D Slicer's ``PythonSlicer`` is a CTKAppLauncher that runs
+the real interpreter as its child): :meth:`WorkerClient.kill` and :meth:`WorkerClient.close` stop the
+whole process tree (psutil when installed, else the worker's own process group on POSIX and
+``taskkill /T`` on Windows), and the tree is killed when this process exits.
+
 >>> with WorkerClient("model.zip") as client:
 ...     handle = client.submit("ground", {"volume": "t1.nii.gz", "text": "left frontal lobe"},
 ...                            on_progress=lambda m: print(m["stage"], m["fraction"]))
@@ -17,12 +22,154 @@ import collections
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import types
+import weakref
 from typing import Any, Callable, Sequence
 
 STDERR_LINES = 40
+KILL_WAIT_S = 5.0  # how long kill() waits for the killed processes to be gone
+
+# Win32 values (documented in the Windows API; ``subprocess`` defines these names only on Windows).
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def _popen_platform_options(platform: str = sys.platform) -> dict[str, Any]:
+    """Popen keyword arguments that keep the worker windowless (Windows) and its whole tree killable (POSIX).
+
+    >>> _popen_platform_options("linux")
+    {'start_new_session': True}
+    """
+    if platform == "win32":
+        # As slicer.util.launchConsoleProcess hides its console (STARTUPINFO, SW_HIDE), and no console
+        # at all (CREATE_NO_WINDOW): a console window the user closes would kill the worker.
+        startupinfo = getattr(subprocess, "STARTUPINFO", types.SimpleNamespace)(
+            dwFlags=STARTF_USESHOWWINDOW, wShowWindow=SW_HIDE)
+        return {"creationflags": CREATE_NO_WINDOW, "startupinfo": startupinfo}
+    # A new session makes the started program lead its own process group, which a launcher's child
+    # (the real interpreter) inherits: os.killpg then reaches both, even without psutil.
+    return {"start_new_session": True}
+
+
+def _psutil():
+    """psutil when installed (it lists and kills a process's descendants), else None.
+
+    >>> _psutil() is None      # True inside a Slicer that lacks psutil
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _pgid(pid: int) -> int | None:
+    """The process group of ``pid``, or None when it is gone.
+
+    >>> _pgid(os.getpid()) == os.getpgrp()
+    True
+    """
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _wait_gone(psutil, procs: list, timeout: float) -> None:
+    """Wait until every process has ended; a zombie has (it holds no memory, GPU or pipe), and one
+    re-parented away from its launcher is reaped by whoever adopted it, maybe late.
+
+    >>> _wait_gone(psutil, psutil.Process(launcher_pid).children(recursive=True), timeout=5)
+    """
+    import time
+
+    def gone(p) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not all(gone(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class _ProcessTree:
+    """The process ``Popen`` started (maybe a launcher) and every process below it.
+
+    >>> tree = _ProcessTree(popen); tree.remember(worker_pid); tree.kill()
+    """
+
+    def __init__(self, popen: subprocess.Popen, platform: str = sys.platform):
+        self.popen, self.platform = popen, platform
+        self.worker_pid: int | None = None
+        self.known: list = []  # psutil.Process of the descendants seen while the launcher lived
+
+    def remember(self, worker_pid: Any) -> None:
+        """Note the real worker's pid (from its ``ready`` line) and the descendants alive now, so they
+        can be found after the launcher has gone (its children are then re-parented)."""
+        self.worker_pid = worker_pid if isinstance(worker_pid, int) else None
+        self.known = self._descendants()
+
+    def _descendants(self) -> list:
+        psutil = _psutil()
+        if psutil is None or self.popen.returncode is not None:  # a reaped pid may be another program's now
+            return []
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def kill(self) -> None:
+        """Kill every process of the tree now and reap the one ``Popen`` started (idempotent)."""
+        psutil = _psutil()
+        procs = list({p.pid: p for p in [*self.known, *self._descendants()]}.values())
+        if self.platform == "win32":
+            if psutil is None:
+                self._taskkill()
+        else:
+            self._kill_group()
+        for p in procs:
+            try:
+                p.kill()  # psutil checks the pid still names the process it saw (no pid-reuse accident)
+            except psutil.Error:
+                pass
+        if self.popen.poll() is None:
+            self.popen.kill()
+        try:
+            self.popen.wait(KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if procs:
+            _wait_gone(psutil, procs, KILL_WAIT_S)
+
+    def _kill_group(self) -> None:
+        """SIGKILL the process group ``start_new_session`` created, if a member shows it still exists.
+
+        >>> tree._kill_group()      # POSIX only
+        """
+        pgid = self.popen.pid
+        # an unreaped launcher, or the worker, still in the group proves the group id is still ours
+        members = [self.worker_pid, pgid if self.popen.returncode is None else None]
+        if any(pid is not None and _pgid(pid) == pgid for pid in members):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _taskkill(self) -> None:
+        """Windows without psutil: ``taskkill /T`` ends the launcher and its children (while it lives).
+
+        >>> tree._taskkill()        # Windows only
+        """
+        if self.popen.poll() is None:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.popen.pid)], capture_output=True,
+                           creationflags=CREATE_NO_WINDOW, timeout=30, check=False)
 
 
 class WorkerError(RuntimeError):
@@ -93,7 +240,11 @@ class WorkerClient:
         self._ready = threading.Event()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._closing = False
+        self._stopped = False
         self._fatal: str | None = None
+        self._write_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._tree: _ProcessTree | None = None
         self.process: subprocess.Popen | None = None
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -101,9 +252,14 @@ class WorkerClient:
         """Start the worker and wait until it has loaded the bundle."""
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=env, bufsize=0)
-        threading.Thread(target=self._read_stdout, name="worker-client-stdout", daemon=True).start()
-        threading.Thread(target=self._read_stderr, name="worker-client-stderr", daemon=True).start()
+                                        stderr=subprocess.PIPE, env=env, bufsize=0, **_popen_platform_options())
+        self._tree = _ProcessTree(self.process)
+        # If this process exits (Slicer closes) with the worker still running, take its tree along.
+        weakref.finalize(self, self._tree.kill)
+        self._threads = [threading.Thread(target=self._read_stdout, name="worker-client-stdout", daemon=True),
+                         threading.Thread(target=self._read_stderr, name="worker-client-stderr", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         if not self._ready.wait(self.start_timeout):
             self.kill()
             raise WorkerCrashed(f"the DecipherMR worker did not become ready within {self.start_timeout:.0f} s"
@@ -120,30 +276,56 @@ class WorkerClient:
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """True while the started program runs and the client has not stopped it."""
+        return self.process is not None and not self._stopped and self.process.poll() is None
 
     def close(self, timeout: float = 10.0) -> None:
-        """Ask the worker to stop (after its current request), then make sure it has."""
+        """Ask the worker to stop (after its current request); after ``timeout`` s kill its whole tree.
+
+        >>> client.close(timeout=5)
+        """
         if self.process is None:
             return
         self._closing = True
         if self.alive:
             try:
                 self._write({"id": "shutdown", "method": "shutdown"})
-                self.process.stdin.close()  # type: ignore[union-attr]
-            except (BrokenPipeError, OSError, ValueError):
+            except (OSError, ValueError):
                 pass
+            self._close_stdin()  # the worker also exits when its stdin reaches EOF
             try:
                 self.process.wait(timeout)
+                self._threads[0].join(timeout)  # the reader hands out results still in the pipe first
             except subprocess.TimeoutExpired:
-                self.kill()
+                pass
+        self.kill()  # after a clean exit this only sweeps up a launcher's child that outlived it
 
     def kill(self) -> None:
-        """Stop the worker now (the running request is lost)."""
-        if self.process is not None and self.alive:
-            self._closing = True
-            self.process.kill()
-            self.process.wait()
+        """Stop the worker and every process it started, now; outstanding requests fail with code ``closed``.
+
+        >>> client.kill(); client.alive
+        False
+        """
+        if self.process is None or self._tree is None:
+            return
+        self._closing = self._stopped = True
+        self._tree.kill()
+        self._close_stdin()
+        # Fail the handles here rather than wait for the reader's EOF: a descendant that could not be
+        # killed would hold the stdout pipe open and leave them waiting forever.
+        self._fail_all()
+
+    def _close_stdin(self) -> None:
+        """Close the worker's stdin (it exits at EOF); ``client._close_stdin()``."""
+        # A write stuck on a full pipe (a hung worker) holds the lock: give up rather than hang with it.
+        if not self._write_lock.acquire(timeout=1.0):
+            return
+        try:
+            self.process.stdin.close()  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._write_lock.release()
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, method: str, params: dict[str, Any] | None = None,
@@ -157,7 +339,7 @@ class WorkerClient:
             self._handles[rid] = handle
         try:
             self._write({"id": rid, "method": method, "params": params or {}})
-        except (BrokenPipeError, OSError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: stdin closed by kill() meanwhile
             with self._lock:
                 self._handles.pop(rid, None)
             raise WorkerCrashed(self._exit_message("while a request was being sent")) from exc
@@ -176,14 +358,15 @@ class WorkerClient:
         if self.alive:
             try:
                 self._write({"id": f"cancel-{rid}", "method": "cancel", "params": {"target": rid}})
-            except (BrokenPipeError, OSError):
+            except (OSError, ValueError):
                 pass
 
     def send_line(self, line: str) -> None:
         """Write one raw line (protocol tests send malformed requests this way)."""
         assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(line.rstrip("\n").encode("utf-8") + b"\n")
-        self.process.stdin.flush()
+        with self._write_lock:  # whole lines only: the GUI thread's cancel may write meanwhile
+            self.process.stdin.write(line.rstrip("\n").encode("utf-8") + b"\n")
+            self.process.stdin.flush()
 
     def _write(self, msg: dict[str, Any]) -> None:
         self.send_line(json.dumps(msg))
@@ -206,6 +389,8 @@ class WorkerClient:
         kind = msg.get("type")
         if kind == "ready":
             self.info = msg
+            if self._tree is not None:
+                self._tree.remember(msg.get("pid"))
             self._ready.set()
             return
         if kind == "fatal":
