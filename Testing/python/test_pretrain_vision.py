@@ -135,12 +135,27 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     single_dir = tmp_path / "single"
     summary = train(tiny_config(prepared_demo_cache, single_dir, *common, "device=cpu"))
     assert summary["world_size"] == 1
-    a, b = metrics(ddp_dir), metrics(single_dir)
+    # The noise floor, measured here: the same single-process run with another thread count sums in
+    # another order, which changes nothing but float32 rounding. AdamW turns rounding noise in gradients
+    # that are zero in exact arithmetic (the key bias: softmax ignores a per-row shift) into steps of about
+    # lr, so after the first real step runs agree only to that floor, on any machine. DDP must stay within
+    # a few times it; a wrong gradient average or loss normalisation is orders of magnitude above it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        reordered_dir = tmp_path / "reordered"
+        train(tiny_config(prepared_demo_cache, reordered_dir, *common, "device=cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    a, b, c = metrics(ddp_dir), metrics(single_dir), metrics(reordered_dir)
     for it in range(4):
-        assert a[it]["loss"] == pytest.approx(b[it]["loss"], rel=1e-4, abs=1e-5), it
-    wa, wb = weights_of(ddp_dir), weights_of(single_dir)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+        floor = abs(c[it]["loss"] - b[it]["loss"])
+        assert abs(a[it]["loss"] - b[it]["loss"]) <= 3 * floor + 1e-5, (it, a[it]["loss"], b[it]["loss"], floor)
+    wa, wb, wc = weights_of(ddp_dir), weights_of(single_dir), weights_of(reordered_dir)
+    assert wa.keys() == wb.keys() == wc.keys()
+    ddp_gap = torch.sqrt(sum(((wa[k] - wb[k]).double() ** 2).sum() for k in wa))
+    noise = torch.sqrt(sum(((wc[k] - wb[k]).double() ** 2).sum() for k in wa))
+    assert ddp_gap <= 3 * noise + 1e-5, (float(ddp_gap), float(noise))
 
 
 @pytest.fixture(scope="module")
