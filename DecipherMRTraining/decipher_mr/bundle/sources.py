@@ -123,9 +123,10 @@ def describe_cache(cache: str | Path) -> str | None:
 def load_vision(spec: str | Path) -> nn.Module:
     """A stage-1 encoder from an export/run folder, or a fresh preset (``vit-micro``) for smoke tests."""
     from decipher_mr.models.clip import AlignedModelError, build_vision_from_spec
+    from decipher_mr.train.ssl.export import teacher_backbone_from_run
 
     try:
-        return build_vision_from_spec(str(spec)).eval()
+        return build_vision_from_spec(str(spec), run_loader=teacher_backbone_from_run).eval()
     except AlignedModelError as exc:
         raise BundleError(str(exc)) from exc
     except (OSError, ValueError, RuntimeError) as exc:

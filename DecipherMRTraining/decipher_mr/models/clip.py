@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from decipher_mr.models.text import TextTower
-from decipher_mr.train.clip_loss import INIT_TEMPERATURE, MAX_LOGIT_SCALE
 
 EMBED_DIM = 512
+# The temperature's start and bound (CLIP's): the model owns them, the loss (train/clip_loss.py) reads them.
+INIT_TEMPERATURE = 0.07
+MAX_LOGIT_SCALE = 100.0
 
 
 def vision_width(vision: nn.Module) -> int:
@@ -154,9 +156,12 @@ class AlignedModelError(RuntimeError):
     """An aligned-model folder that cannot be used; the message names the file and the reason."""
 
 
-def build_vision_from_spec(spec: str | dict) -> nn.Module:
+def build_vision_from_spec(spec: str | dict, run_loader=None) -> nn.Module:
     """The image tower: ``{"preset": "vit-micro", ...overrides}`` (random init, for tests and demos),
     ``{"config": {...}}`` or ``{"export": "runs/vision/encoder"}`` (the stage-1 export).
+
+    ``run_loader`` reads a stage-1 run folder that holds no exported encoder (training code passes
+    ``decipher_mr.train.ssl.export.teacher_backbone_from_run``; model code never imports training code).
 
     >>> build_vision_from_spec({"preset": "vit-micro"})
     """
@@ -168,7 +173,7 @@ def build_vision_from_spec(spec: str | dict) -> nn.Module:
     if spec.get("export"):
         from decipher_mr.models.vision_weights import load_vision_encoder as loader
 
-        return loader(spec["export"])
+        return loader(spec["export"], run_loader=run_loader)
     if "config" in spec:
         return vit3d.build_vision_encoder(spec["config"])
     if "preset" in spec:

@@ -36,11 +36,13 @@ def save_vision_encoder(encoder: VisionTransformer3D, out: str | Path) -> Path:
     return out
 
 
-def load_vision_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> VisionTransformer3D:
+def load_vision_encoder(path: str | Path, map_location: str | torch.device = "cpu", run_loader=None) -> VisionTransformer3D:
     """Rebuild an encoder from ``save_vision_encoder``'s file (config from the sidecar or metadata).
 
     ``path`` may also omit the ``.safetensors`` suffix, or be a folder holding ``encoder.safetensors``
-    or a stage-1 run folder (then the teacher backbone of its latest checkpoint is used).
+    or a stage-1 run folder: its ``encoder.safetensors``, else, when ``run_loader`` is given (training code
+    passes ``decipher_mr.train.ssl.export.teacher_backbone_from_run``), the teacher backbone of its latest
+    checkpoint. Model code reads no training checkpoints itself.
 
     >>> enc = load_vision_encoder("runs/a/encoder.safetensors").eval()
     """
@@ -48,10 +50,12 @@ def load_vision_encoder(path: str | Path, map_location: str | torch.device = "cp
     if path.is_dir():
         if (path / "encoder.safetensors").exists():
             path = path / "encoder.safetensors"
+        elif run_loader is not None:
+            return run_loader(path).to(map_location)
         else:
-            from decipher_mr.train.ssl.export import teacher_backbone_from_run
-
-            return teacher_backbone_from_run(path).to(map_location)
+            raise FileNotFoundError(
+                f"{path}: no encoder.safetensors in this folder; export a stage-1 run's teacher with "
+                f"`decipher-mr pretrain-vision --export-teacher {path} --out {path / 'encoder.safetensors'}`")
     elif not path.exists() and path.with_suffix(".safetensors").exists():
         path = path.with_suffix(".safetensors")
     if not path.exists():

@@ -43,6 +43,7 @@ from decipher_mr.models.text import TextTower, pad_token_ids, tokenize_reports
 from decipher_mr.train import checkpoint as ckpt
 from decipher_mr.train.clip_loss import ClipLoss
 from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
+from decipher_mr.train.ssl.export import teacher_backbone_from_run
 from decipher_mr.train.monitor import TrainingMonitor, effective_rank
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 
@@ -129,7 +130,7 @@ def image_batch(cache: PreparedCache, indices: Sequence[int], image_cfg: dict[st
 def build_model(cfg: dict[str, Any]) -> ImageTextModel:
     """The two towers from an align config, with freezing applied."""
     text_spec = cfg["text"] if isinstance(cfg["text"], dict) else {"path": cfg["text"]}
-    model = ImageTextModel(build_vision_from_spec(cfg["vision"]), TextTower.from_spec(text_spec),
+    model = ImageTextModel(build_vision_from_spec(cfg["vision"], run_loader=teacher_backbone_from_run), TextTower.from_spec(text_spec),
                            embed_dim=int(cfg["embed_dim"]))
     model.set_trainable(cfg["vision_trainable"], cfg["text_trainable"])
     return model

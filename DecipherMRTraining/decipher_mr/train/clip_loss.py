@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decipher_mr.models.clip import INIT_TEMPERATURE, MAX_LOGIT_SCALE  # noqa: F401 (re-exported)
 from decipher_mr.train.distributed import all_gather_with_grad
-
-INIT_TEMPERATURE = 0.07
-MAX_LOGIT_SCALE = 100.0
 
 
 def clip_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

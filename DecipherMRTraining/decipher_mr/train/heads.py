@@ -73,6 +73,7 @@ def load_encoder(spec: Any, seed: int = 0, weights: str | Path | None = None):
     >>> encoder, encode_text = load_encoder({"preset": "vit-micro"}, seed=0)
     """
     from decipher_mr.models.clip import build_vision_from_spec
+    from decipher_mr.train.ssl.export import teacher_backbone_from_run
 
     encode_text = None
     if isinstance(spec, dict) and spec.get("aligned"):
@@ -85,7 +86,7 @@ def load_encoder(spec: Any, seed: int = 0, weights: str | Path | None = None):
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            encoder = build_vision_from_spec(spec)
+            encoder = build_vision_from_spec(spec, run_loader=teacher_backbone_from_run)
     if weights:
         from safetensors.torch import load_file
 
