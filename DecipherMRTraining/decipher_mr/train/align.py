@@ -7,7 +7,9 @@ encodes its share, and the CLIP loss gathers features across ranks with gradient
 ``chunks`` pieces: first every feature without autograd, then the loss over the *whole* batch
 (all negatives, all ranks) gives the gradient of each feature, then each piece is re-encoded with
 autograd and back-propagated with that feature gradient. The result equals one big-batch step;
-memory is that of one piece. Dropout/drop-path randomness is replayed so both passes agree.
+memory is that of one piece. Dropout/drop-path randomness is replayed so both passes agree: each
+piece's re-encoding starts from the CPU generator state and the generator state of every
+accelerator device (cuda, ...) that the first encoding of that piece started from.
 
 Gradients are averaged over ranks explicitly after the backward (not by DDP hooks), because the
 feature-gradient pass of GradCache runs outside any wrapped forward.
@@ -172,17 +174,83 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # one step
 
-@contextlib.contextmanager
-def replay_rng(state: torch.Tensor | None) -> Iterator[torch.Tensor]:
-    """Run a block from a saved torch RNG state (so a re-forward draws the same dropout masks)."""
-    saved = torch.get_rng_state()
-    if state is not None:
-        torch.set_rng_state(state)
+# RNG replay for GradCache, as torch.utils.checkpoint does it: the CPU generator plus the default
+# generator of every accelerator device the forward touches, through the device-generic
+# ``torch.get_device_module(type).get_rng_state(device)`` / ``set_rng_state(state, device)`` API
+# (the one torch.random.fork_rng uses; cuda, xpu, mps, mtia, ... all have it). Device types without
+# that API (meta, a backend without generators) are skipped: nothing there can be replayed.
+
+def _rng_module(device_type: str) -> Any | None:
+    """``torch.<device_type>`` when it has a per-device RNG state API, else None."""
+    if device_type in ("cpu", "meta"):
+        return None
     try:
-        yield torch.get_rng_state()
+        module = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        return None
+    return module if hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state") else None
+
+
+def rng_devices(*objects: Any) -> list[torch.device]:
+    """The distinct non-CPU devices of tensors, modules (parameters and buffers), devices or device
+    strings (nested in lists/tuples allowed), in first-seen order; an index-less device is resolved
+    to the current device of its type where the type has one."""
+    found: dict[torch.device, None] = {}
+
+    def add(obj: Any) -> None:
+        if obj is None:
+            return
+        if isinstance(obj, torch.nn.Module):
+            for t in (*obj.parameters(), *obj.buffers()):
+                add(t.device)
+        elif isinstance(obj, torch.Tensor):
+            add(obj.device)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                add(item)
+        else:
+            device = torch.device(obj)
+            if device.type == "cpu":
+                return
+            if device.index is None:
+                module = _rng_module(device.type)
+                if module is not None and hasattr(module, "current_device"):
+                    device = torch.device(device.type, int(module.current_device()))
+            found.setdefault(device, None)
+
+    for obj in objects:
+        add(obj)
+    return list(found)
+
+
+class RngState:
+    """A snapshot of the CPU generator and of the default generator of each given device."""
+
+    def __init__(self, devices: Sequence[torch.device] = ()):
+        self.cpu = torch.get_rng_state()
+        self.devices: list[tuple[torch.device, Any, torch.Tensor]] = []
+        for device in devices:
+            module = _rng_module(device.type)
+            if module is not None:
+                self.devices.append((device, module, module.get_rng_state(device)))
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, module, state in self.devices:
+            module.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def replay_rng(state: RngState) -> Iterator[None]:
+    """Run a block from a saved :class:`RngState` (so a re-forward draws the same dropout masks on
+    the CPU and on every device in it), then put back the streams it found: a fork, so the global
+    streams go on as if the block had not run."""
+    outside = RngState([device for device, _, _ in state.devices])
+    state.restore()
+    try:
+        yield
     finally:
-        if state is not None:
-            torch.set_rng_state(saved)
+        outside.restore()
 
 
 class TextSide:
@@ -220,13 +288,15 @@ def clip_step(model: ImageTextModel, loss_fn: ClipLoss, images: torch.Tensor, te
         loss.backward()
         return loss.detach(), img.detach(), txt.detach()
     bounds = np.array_split(np.arange(len(indices)), min(chunks, len(indices)))
+    # generators a chunk's forward may draw from: the CPU one plus those of the devices of the images,
+    # of the token ids / pooled features, and of every parameter and buffer of both towers
+    devices = rng_devices(images, text.device, text.pooled, model)
     states, img_parts, txt_parts = [], [], []
     with torch.no_grad():
         for part in bounds:
-            states.append(torch.get_rng_state())
+            states.append(RngState(devices))
             img_parts.append(model.encode_image(images[part]))
             txt_parts.append(text.embed([indices[i] for i in part]))
-    after = torch.get_rng_state()
     img_all = torch.cat(img_parts).requires_grad_(True)
     txt_all = torch.cat(txt_parts).requires_grad_(True)
     loss = loss_fn(img_all, txt_all, model.scale())
@@ -236,7 +306,6 @@ def clip_step(model: ImageTextModel, loss_fn: ClipLoss, images: torch.Tensor, te
             img = model.encode_image(images[part])
             txt = text.embed([indices[i] for i in part])
         torch.autograd.backward([img, txt], [img_all.grad[part], txt_all.grad[part]])
-    torch.set_rng_state(after)
     return loss.detach(), img_all.detach(), txt_all.detach()
 
 
