@@ -245,3 +245,118 @@ def test_repeated_non_finite_steps_abort_with_a_clear_message(prepared_demo_cach
                       "train.checkpoint_every=100")
     with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss or gradient"):
         train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses, optimiser groups, freezing and clipping as in DINOv2 (issue 13, defects 4 and 5)
+
+MICRO_HEADS = (64, 64, 64, 32, 2)  # the heads of TINY
+
+
+def _micro_arch(**loss):
+    from decipher_mr.models.vit3d import vision_config
+    from decipher_mr.train.ssl.meta_arch import HeadConfig, SSLMetaArch
+
+    torch.manual_seed(0)
+    return SSLMetaArch(vision_config("vit-micro"), HeadConfig(*MICRO_HEADS), loss)
+
+
+def _random_batch(b: int = 4, n_local: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(2 * b, 4 * 4 * 2, generator=g) < 0.3  # vit-micro: 8^3 patches of a 32x32x16 crop
+    return {"global": torch.randn(2 * b, 1, 32, 32, 16, generator=g), "local": torch.randn(n_local * b, 1, 16, 16, 8, generator=g),
+            "masks": masks}
+
+
+def test_koleo_term_is_the_sum_over_the_two_global_crops():
+    from decipher_mr.train.ssl.losses import KoLeoLoss
+
+    arch = _micro_arch(koleo_weight=0.1)
+    arch.eval()  # no drop path: the student pass below is the one inside training_loss
+    batch = _random_batch()
+    with torch.no_grad():
+        loss, metrics = arch.training_loss(batch, teacher_temp=0.04)
+        cls = arch.student(batch["global"], batch["local"], batch["masks"])["cls_global"]
+    per_crop = [float(KoLeoLoss()(c)) for c in cls.chunk(2)]
+    assert min(abs(v) for v in per_crop) > 1e-3  # the sum and the mean differ here
+    assert metrics["loss/koleo"] == pytest.approx(sum(per_crop), rel=1e-5)
+    expected = metrics["loss/dino"] + metrics["loss/ibot"] + 0.1 * sum(per_crop)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_param_groups_follow_dinov2_layer_decay_patch_embed_and_weight_decay():
+    arch = _micro_arch()
+    depth = len(arch.student.backbone.blocks)
+    groups = arch.param_groups(layer_decay=0.9, patch_embed_lr_mult=0.2)
+    where = {}
+    for g in groups:
+        for name in g["names"]:
+            assert name not in where, name
+            where[name] = (g["lr_scale"], g["wd_scale"], g["last_layer"])
+    assert set(where) == {n for n, p in arch.student.named_parameters() if p.requires_grad}
+    emb = 0.9 ** (depth + 1)
+    approx = lambda v: pytest.approx(v, rel=1e-9)  # noqa: E731
+    # the class token's position embedding is an embedding, exactly like pos_embed
+    for name in ("cls_pos", "pos_embed", "cls_token", "mask_token"):
+        assert where[f"backbone.{name}"] == (approx(emb), 0.0, False), name
+    assert where["backbone.patch_embed.weight"] == (approx(0.2 * emb), 1.0, False)
+    assert where["backbone.patch_embed.bias"] == (approx(0.2 * emb), 0.0, False)
+    for i in range(depth):
+        scale = 0.9 ** (depth - i)
+        assert where[f"backbone.blocks.{i}.attn.qkv.weight"] == (approx(scale), 1.0, False)
+        assert where[f"backbone.blocks.{i}.mlp.fc1.bias"] == (approx(scale), 0.0, False)
+        assert where[f"backbone.blocks.{i}.norm1.weight"] == (approx(scale), 0.0, False)
+    assert where["backbone.norm.weight"] == (1.0, 0.0, False)
+    for head in ("dino_head", "ibot_head"):
+        assert where[f"{head}.mlp.0.weight"] == (1.0, 1.0, False)
+        assert where[f"{head}.mlp.0.bias"] == (1.0, 0.0, False)
+        assert where[f"{head}.prototypes"] == (1.0, 1.0, True)
+
+
+def test_gradients_are_clipped_per_part_not_jointly():
+    arch = _micro_arch()
+    parts = arch.student_parts()
+    wanted = {"backbone": 10.0, "dino_head": 1.0, "ibot_head": 0.5}
+    for name, part in parts.items():
+        params = list(part.parameters())
+        n = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.full_like(p, wanted[name] / n ** 0.5)
+    joint = torch.nn.utils.get_total_norm([p.grad for p in arch.student.parameters()])
+    assert 3.0 / float(joint) < 0.5  # a joint clip to 3 would shrink the heads' gradients too
+    norms = arch.clip_gradients(3.0)
+    for name, part in parts.items():
+        assert norms[name] == pytest.approx(wanted[name], rel=1e-4)
+        after = float(torch.nn.utils.get_total_norm([p.grad for p in part.parameters()]))
+        assert after == pytest.approx(min(wanted[name], 3.0), rel=1e-4), name
+
+
+def test_prototypes_stay_frozen_for_the_configured_iterations_then_move(prepared_demo_cache, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(prepared_demo_cache, run, "train.iterations=4", "train.checkpoint_every=1",
+                      "train.keep_checkpoints=10", "optim.lr=1e-3", "optim.freeze_last_layer_iterations=2",
+                      "train.export_teacher=false"))
+    w = {i: load_file(str(run / "checkpoints" / f"ckpt-{i:08d}" / "weights.safetensors")) for i in range(1, 5)}
+    init = _micro_arch().student.state_dict()
+    for head in ("dino_head", "ibot_head"):
+        key = f"student.{head}.prototypes"
+        assert torch.equal(w[1][key], init[f"{head}.prototypes"]) and torch.equal(w[2][key], w[1][key]), head
+        # the teacher's EMA of an unchanged student changes nothing but the rounding
+        torch.testing.assert_close(w[2][f"teacher.{head}.prototypes"], init[f"{head}.prototypes"], rtol=0, atol=1e-8)
+        assert not torch.equal(w[3][key], w[2][key]) and not torch.equal(w[4][key], w[3][key]), head
+        # the rest of the head (and the backbone) trains during the freeze
+        assert not torch.equal(w[2][f"student.{head}.mlp.0.weight"], w[1][f"student.{head}.mlp.0.weight"])
+    assert not torch.equal(w[2]["student.backbone.blocks.0.attn.qkv.weight"], w[1]["student.backbone.blocks.0.attn.qkv.weight"])
+    rows = metrics(run)
+    assert [rows[i]["last_layer_frozen"] for i in range(4)] == [True, True, False, False]
+    for i in range(4):  # each part is clipped on its own; grad_norm is the whole gradient's norm
+        parts = [rows[i][f"grad_norm/{p}"] for p in ("backbone", "dino_head", "ibot_head")]
+        assert rows[i]["grad_norm"] == pytest.approx(sum(v * v for v in parts) ** 0.5, rel=1e-6)
+    # the trainer's optimiser uses those groups (saved with the checkpoint)
+    state = json.loads((run / "checkpoints" / "ckpt-00000004" / "trainer_state.json").read_text())
+    groups = state["optimizers"]["adamw"]["param_groups"]
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["backbone.cls_pos"]["wd_scale"] == 0.0
+    assert by_name["backbone.cls_pos"]["lr_scale"] == pytest.approx(by_name["backbone.pos_embed"]["lr_scale"])
+    assert by_name["backbone.patch_embed.weight"]["lr_scale"] == pytest.approx(0.2 * by_name["backbone.pos_embed"]["lr_scale"])
+    assert by_name["dino_head.prototypes"]["last_layer"] is True

@@ -4,6 +4,13 @@
 ``MASTER_ADDR``, ``MASTER_PORT``); without it the run is world size 1 and no process group is made.
 The backend is NCCL when the device is CUDA and gloo otherwise, so DDP also works on CPU.
 
+Collectives: NCCL only moves CUDA tensors, so every tensor handed to a collective must live on the
+training device (``ctx.device``), never on the CPU where ``torch.tensor([...])`` puts it by default.
+``init_distributed`` records that device; the helpers here refuse a tensor elsewhere with a message
+naming both devices (gloo would accept it, NCCL would crash), and :func:`all_reduce_floats` /
+:func:`any_rank` build their tensors on it, so a trainer never writes ``torch.tensor`` for a
+collective itself.
+
 :class:`ResumableDistributedSampler` is the data order for every stage: a seeded per-epoch
 permutation, sharded across ranks, whose position ``(epoch, index)`` goes into the checkpoint so
 that a resumed run continues the data stream exactly where it stopped.
@@ -57,11 +64,13 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    global _TRAINING_DEVICE
     if want_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    _TRAINING_DEVICE = dev
     if world_size == 1:
         return DistributedContext(0, 1, 0, dev, None)
     backend = "nccl" if want_cuda else "gloo"
@@ -77,6 +86,8 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
 
 def shutdown_distributed() -> None:
     """Destroy the process group if one was made (safe to call always)."""
+    global _TRAINING_DEVICE
+    _TRAINING_DEVICE = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -100,21 +111,59 @@ def barrier() -> None:
         dist.barrier()
 
 
+# The device the last ``init_distributed`` chose: where every collective's tensor must be.
+_TRAINING_DEVICE: torch.device | None = None
+
+
+def training_device() -> torch.device:
+    """The training device recorded by :func:`init_distributed` (the CPU before any call)."""
+    return _TRAINING_DEVICE if _TRAINING_DEVICE is not None else torch.device("cpu")
+
+
+def _collective_ready(tensor: torch.Tensor, what: str) -> bool:
+    """True when a process group exists (the collective must run); raises if ``tensor`` is not on
+    the training device (NCCL has no CPU tensors: the run would crash inside the collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if _TRAINING_DEVICE is not None and tensor.device != _TRAINING_DEVICE:
+        raise ValueError(
+            f"{what}: the tensor is on {tensor.device} but training runs on {_TRAINING_DEVICE}; "
+            "collectives need it on the training device (create it with device=ctx.device)"
+        )
+    return True
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over ranks in place (no-op on one process); returns it.
 
     >>> center = all_reduce_mean(batch_center)
     """
-    if dist.is_available() and dist.is_initialized():
+    if _collective_ready(tensor, "all_reduce_mean"):
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    """Sum ``tensor`` over ranks in place (no-op on one process); returns it."""
+    if _collective_ready(tensor, "all_reduce_sum"):
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_floats(values: list[float], mean: bool = True) -> list[float]:
+    """Mean (or sum) of each Python number over ranks, reduced in one tensor on the training device.
+
+    >>> loss, dino = all_reduce_floats([float(loss), metrics["loss/dino"]])
+    """
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=training_device())
+    (all_reduce_mean if mean else all_reduce_sum)(t)
+    return [float(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. a stop request seen by one process)."""
+    return all_reduce_floats([1.0 if flag else 0.0], mean=False)[0] > 0
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -146,7 +195,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     >>> all_image_emb = all_gather_with_grad(image_emb)   # (world*B, D) for a CLIP loss
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _collective_ready(x, "all_gather_with_grad") or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
 

@@ -135,7 +135,8 @@ class SSLMetaArch(nn.Module):
             weight = (1.0 / n_masked).expand_as(masks)[masks]
             ibot_targets = self.ibot_loss.targets(t["ibot"].float(), teacher_temp)
             ibot = self.ibot_loss(s["ibot"].float(), ibot_targets, weight, n_samples=g.shape[0])
-            koleo = sum(self.koleo_loss(c) for c in s["cls_global"].float().chunk(n_global)) / n_global
+            # Summed over the global crops, as DINOv2 does (never between two crops of one image).
+            koleo = sum(self.koleo_loss(c) for c in s["cls_global"].float().chunk(n_global))
             loss = lc["dino_weight"] * dino + lc["ibot_weight"] * ibot + lc["koleo_weight"] * koleo
             self.dino_loss.update_center(t_dino)
             # Called on every rank even without masked patches: it all-reduces under DDP.
@@ -145,6 +146,67 @@ class SSLMetaArch(nn.Module):
             metrics["monitor/teacher_entropy"] = mean_entropy(torch.cat(dino_targets))
             metrics["monitor/effective_rank"] = effective_rank(t["cls_global"].float())
         return loss, metrics
+
+    def student_parts(self) -> dict[str, nn.Module]:
+        """The parts whose gradients are clipped separately (as DINOv2): backbone, DINO head, iBOT head."""
+        return {"backbone": self.student.backbone, "dino_head": self.student.dino_head, "ibot_head": self.student.ibot_head}
+
+    def clip_gradients(self, max_norm: float | None) -> dict[str, float]:
+        """Clip each part's gradient norm to ``max_norm`` on its own (none when ``max_norm`` is falsy);
+        returns each part's norm before clipping. One joint clip would let a head's large gradient
+        shrink the backbone's step (and the reverse); DINOv2 clips backbone and heads separately.
+
+        >>> norms = arch.clip_gradients(3.0)   # {"backbone": ..., "dino_head": ..., "ibot_head": ...}
+        """
+        limit = float(max_norm) if max_norm else float("inf")
+        norms = {}
+        for name, part in self.student_parts().items():
+            params = [p for p in part.parameters() if p.grad is not None]
+            norms[name] = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+        return norms
+
+    def param_groups(self, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """AdamW groups of the student, following DINOv2's ``get_params_groups_with_decay``.
+
+        * lr scale ``layer_decay ** (depth + 1 - layer)``: layer 0 is the embedding (``patch_embed``,
+          ``pos_embed``, ``cls_pos`` -- the class token's position embedding -- and the tokens),
+          block ``i`` is layer ``i + 1``, the final norm and the heads are layer ``depth + 1`` (scale 1);
+        * ``patch_embed`` gets a further ``patch_embed_lr_mult`` (DINOv2: 0.2);
+        * no weight decay on biases, norms, LayerScale, tokens and position embeddings (``pos_embed``
+          and ``cls_pos`` alike; DINOv2 decays tokens and ``pos_embed``, DINO/iBOT and this project do not);
+        * the heads' prototypes are flagged ``last_layer`` (frozen for the first
+          ``optim.freeze_last_layer_iterations``, DINOv2's ``freeze_last_layer_epochs``).
+
+        Each group carries ``lr_scale``/``wd_scale`` for :func:`~decipher_mr.train.schedules.apply_to_optimizer`.
+        """
+        depth = len(self.student.backbone.blocks)
+        embedding = ("patch_embed.", "pos_embed", "cls_pos", "cls_token", "mask_token", "register_tokens")
+        groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+        for name, param in self.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            local = name.split(".", 1)[1] if name.startswith("backbone.") else None
+            if local is None:
+                layer = depth + 1
+            elif local.startswith("blocks."):
+                layer = int(local.split(".")[1]) + 1
+            elif local.startswith(embedding):
+                layer = 0
+            else:
+                layer = depth + 1
+            lr_scale = layer_decay ** (depth + 1 - layer)
+            if local is not None and local.startswith("patch_embed."):
+                lr_scale *= patch_embed_lr_mult
+            no_wd = (param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name
+                     or (local is not None and local.startswith(("pos_embed", "cls_pos", "cls_token", "mask_token", "register_tokens"))))
+            wd_scale = 0.0 if no_wd else 1.0
+            last_layer = name.endswith("head.prototypes")
+            key = (round(lr_scale, 12), wd_scale, last_layer)
+            group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": lr_scale, "wd_scale": wd_scale,
+                                            "last_layer": last_layer})
+            group["params"].append(param)
+            group["names"].append(name)
+        return list(groups.values())
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

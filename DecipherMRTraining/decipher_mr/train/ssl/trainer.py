@@ -32,15 +32,15 @@ from decipher_mr.storage import atomic_write_json, atomic_write_text
 from decipher_mr.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from decipher_mr.train.distributed import (
     ResumableDistributedSampler,
-    all_reduce_mean,
-    all_reduce_sum,
+    all_reduce_floats,
+    any_rank,
     barrier,
     init_distributed,
     shutdown_distributed,
 )
 from decipher_mr.train.monitor import CollapseWatch, TrainingMonitor
 from decipher_mr.train.run_config import load_run_config
-from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer, layerwise_param_groups
+from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 from decipher_mr.train.ssl.export import export_teacher_backbone
 from decipher_mr.train.ssl.masking import BlockMaskConfig
 from decipher_mr.train.ssl.meta_arch import HeadConfig, SSLMetaArch
@@ -65,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "loss": {"dino_weight": 1.0, "ibot_weight": 1.0, "koleo_weight": 0.1, "student_temp": 0.1,
              "center_momentum": 0.9, "centering": "centering"},
     "optim": {"lr": 5e-4, "min_lr": 1e-6, "warmup_iterations": 1000, "weight_decay": 0.04,
-              "weight_decay_end": 0.2, "layer_decay": 0.9, "clip_grad": 3.0, "betas": [0.9, 0.999],
+              "weight_decay_end": 0.2, "layer_decay": 0.9, "patch_embed_lr_mult": 0.2, "clip_grad": 3.0,
+              "freeze_last_layer_iterations": 1250, "betas": [0.9, 0.999],
               "teacher_momentum": 0.992, "teacher_momentum_end": 1.0, "teacher_temp": 0.07,
               "warmup_teacher_temp": 0.04, "teacher_temp_warmup_iterations": 3000},
     "train": {"iterations": 100000, "batch_size": 64, "precision": "auto", "checkpoint_every": 1000,
@@ -167,7 +168,8 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
     torch.manual_seed(seed)
     heads = HeadConfig(mc["dino_prototypes"], mc["ibot_prototypes"], mc["head_hidden_dim"], mc["head_bottleneck_dim"], mc["head_layers"])
     arch = SSLMetaArch(enc_cfg, heads, cfg["loss"]).to(ctx.device)
-    groups = layerwise_param_groups(arch.student.named_parameters(), enc_cfg.depth, oc["layer_decay"])
+    groups = arch.param_groups(oc["layer_decay"], oc.get("patch_embed_lr_mult", 1.0))
+    freeze_last_layer = int(oc.get("freeze_last_layer_iterations") or 0)
     opt = torch.optim.AdamW(groups, lr=oc["lr"], betas=tuple(oc["betas"]))
     schedules = TrainingSchedules.build(
         iterations, oc["lr"], oc["min_lr"], oc["warmup_iterations"], oc["weight_decay"], oc["weight_decay_end"],
@@ -219,15 +221,21 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(data).items()}
                 sch = schedules.at(it)
                 apply_to_optimizer(opt, sch["lr"], sch["weight_decay"])
+                if it < freeze_last_layer:  # DINOv2's freeze_last_layer: the prototypes' lr is 0 at first
+                    for group in opt.param_groups:
+                        if group.get("last_layer"):
+                            group["lr"] = 0.0
                 torch.manual_seed(seed * 1_000_003 + it * 1009 + ctx.rank)
                 want_monitor = tc["monitor_every"] > 0 and it % tc["monitor_every"] == 0
                 with precision_context(ctx.device, precision):
                     loss, metrics = arch.training_loss(batch, sch["teacher_temp"], monitor=want_monitor)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                clip = oc.get("clip_grad") or float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(arch.student.parameters(), clip))
-                # The grad norm is the same on every rank after DDP's all-reduce, so all skip together.
+                # Backbone, DINO head and iBOT head are clipped separately (DINOv2); ``grad_norm`` is the
+                # norm of the whole gradient before clipping. The norms are the same on every rank after
+                # DDP's all-reduce, so all ranks skip together.
+                part_norms = arch.clip_gradients(oc.get("clip_grad"))
+                grad_norm = math.sqrt(sum(n * n for n in part_norms.values()))
                 if math.isfinite(grad_norm) and math.isfinite(float(loss.detach())):
                     opt.step()
                     arch.update_teacher(sch["momentum"])
@@ -240,12 +248,13 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                             f"{nan_in_a_row} steps in a row had a non-finite loss or gradient (iteration {it}); "
                             "aborting. Lower optim.lr, raise optim.warmup_iterations or use train.precision=fp32."
                         )
-                reported = torch.tensor([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])
-                all_reduce_mean(reported)
-                row = {"iteration": it, "loss": float(reported[0]), "loss/dino": float(reported[1]),
-                       "loss/ibot": float(reported[2]), "loss/koleo": float(reported[3]), "lr": sch["lr"],
+                # Averaged over ranks in a tensor on the training device (NCCL has no CPU tensors).
+                reported = all_reduce_floats([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])
+                row = {"iteration": it, "loss": reported[0], "loss/dino": reported[1],
+                       "loss/ibot": reported[2], "loss/koleo": reported[3], "lr": sch["lr"],
                        "teacher_temp": sch["teacher_temp"], "momentum": sch["momentum"], "grad_norm": grad_norm,
-                       "skipped_steps": skipped}
+                       **{f"grad_norm/{k}": v for k, v in part_norms.items()},
+                       "last_layer_frozen": it < freeze_last_layer, "skipped_steps": skipped}
                 row.update({k: v for k, v in metrics.items() if k.startswith("monitor/")})
                 losses.append(row["loss"])
                 if ctx.is_main:
@@ -255,12 +264,11 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                         for msg in watch.check(it, row.get("monitor/teacher_entropy"), row.get("monitor/effective_rank")):
                             monitor.text("collapse", msg, it)
                 monitor.step(it, {k: v for k, v in row.items() if k != "iteration"}, samples=tc["batch_size"])
-                flag = torch.tensor([1.0 if stop.requested else 0.0])
-                all_reduce_sum(flag)
+                stop_now = any_rank(stop.requested)
                 done = it + 1
-                if float(flag) > 0 or done % tc["checkpoint_every"] == 0 or done == stop_at:
+                if stop_now or done % tc["checkpoint_every"] == 0 or done == stop_at:
                     last_ckpt = _checkpoint(ckpt_dir, done, modules, opt, arch, enc_cfg, sampler, per_rank, skipped, ctx, tc)
-                if float(flag) > 0:
+                if stop_now:
                     stopped_by_signal = True
                     if ctx.is_main:
                         print(f"stopped at iteration {done}; resume with --resume", file=sys.stderr)
