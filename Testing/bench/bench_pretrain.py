@@ -19,7 +19,6 @@ import torch
 
 from decipher_mr.data.cache import PreparedCache
 from decipher_mr.models import vision_config
-from decipher_mr.train.schedules import layerwise_param_groups
 from decipher_mr.train.ssl.masking import BlockMaskConfig
 from decipher_mr.train.ssl.meta_arch import HeadConfig, SSLMetaArch
 from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset, collate_multicrop
@@ -62,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     heads = HeadConfig(mc["dino_prototypes"], mc["ibot_prototypes"], mc["head_hidden_dim"], mc["head_bottleneck_dim"], mc["head_layers"])
     arch = SSLMetaArch(enc_cfg, heads, cfg["loss"])
-    opt = torch.optim.AdamW(layerwise_param_groups(arch.student.named_parameters(), enc_cfg.depth, 0.9), lr=1e-4)
+    opt = torch.optim.AdamW(arch.param_groups(layer_decay=0.9, patch_embed_lr_mult=0.2), lr=1e-4)  # the trainer's groups
 
     def make_batch(s: int):
         return collate_multicrop([ds[((s * b + i) % len(ds), s * b + i)] for i in range(b)])

@@ -7,9 +7,7 @@ there is no scheduler object whose hidden state could drift from the checkpoint.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -110,53 +108,4 @@ def apply_to_optimizer(optimizer: torch.optim.Optimizer, lr: float, weight_decay
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
-
-
-_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def layer_id_for_parameter(name: str, num_layers: int) -> int:
-    """Depth of a transformer parameter: 0 for embeddings/tokens, i+1 for block i, num_layers+1 after.
-
-    >>> layer_id_for_parameter("backbone.blocks.3.attn.qkv.weight", 12)
-    4
-    """
-    m = _BLOCK_INDEX.search(name)
-    if m:
-        return int(m.group(1)) + 1
-    if any(key in name for key in ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens")):
-        return 0
-    return num_layers + 1
-
-
-def layerwise_param_groups(
-    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-    num_layers: int,
-    layer_decay: float = 1.0,
-    extra_lr_scale: dict[str, float] | None = None,
-) -> list[dict]:
-    """Optimizer groups with layer-wise lr decay and no weight decay on biases, norms and tokens.
-
-    Each group carries ``lr_scale`` and ``wd_scale`` that :func:`apply_to_optimizer` multiplies in.
-    ``extra_lr_scale`` maps a name prefix (e.g. ``"dino_head."``) to an extra factor.
-
-    >>> groups = layerwise_param_groups(model.named_parameters(), num_layers=12, layer_decay=0.9)
-    >>> opt = torch.optim.AdamW(groups, lr=1e-3)
-    """
-    groups: dict[tuple[float, float], dict] = {}
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        no_wd = param.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name or "gamma" in name
-        lr_scale = layer_decay ** (num_layers + 1 - layer_id_for_parameter(name, num_layers))
-        for prefix, factor in (extra_lr_scale or {}).items():
-            if name.startswith(prefix):
-                lr_scale *= factor
-        wd_scale = 0.0 if no_wd else 1.0
-        key = (round(lr_scale, 12), wd_scale)
-        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": lr_scale, "wd_scale": wd_scale})
-        group["params"].append(param)
-        group["names"].append(name)
-    # Stable order (by the first parameter's position) keeps optimizer state indices reproducible.
-    return list(groups.values())
 
