@@ -36,16 +36,29 @@ def free_port() -> int:
 
 
 class ViewerServer:
-    """``decipher-mr view`` in a subprocess, stopped on ``close()``; its output is kept for failures."""
+    """``decipher-mr view`` in a subprocess, stopped on ``close()``; its output is kept for failures.
 
-    def __init__(self, *args: str, log_dir: Path) -> None:
+    It gets a fresh token through ``$DECIPHER_MR_VIEWER_TOKEN`` (never on the command line); ``url`` is the
+    address with the token, as the command prints it, ``base`` the same without. ``data_roots`` are passed
+    as ``--data-root`` (Colin27's folder is always one: the tests open it by path)."""
+
+    def __init__(self, *args: str, log_dir: Path, data_roots=(), token: str | None = None) -> None:
+        import secrets
+
+        from decipher_mr import assets
+
         self.port = free_port()
-        self.url = f"http://localhost:{self.port}/"
+        self.token = token or secrets.token_urlsafe(24)
+        self.base = f"http://localhost:{self.port}/"
+        self.url = f"{self.base}?secret={self.token}"
         self.log_path = Path(log_dir) / f"viewer-{self.port}.log"
         self._log = open(self.log_path, "w", encoding="utf-8")
         cli = Path(sys.executable).with_name("decipher-mr")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([str(cli), "view", "--port", str(self.port), "--encoder", "png", *args],
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DECIPHER_MR_VIEWER_TOKEN": self.token}
+        roots = []
+        for root in (*data_roots, assets.colin27_t1().parent):
+            roots += ["--data-root", str(root)]
+        self.proc = subprocess.Popen([str(cli), "view", "--port", str(self.port), "--encoder", "png", *roots, *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self._wait_ready()
 

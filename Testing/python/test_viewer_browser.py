@@ -60,7 +60,8 @@ def browser():
 @pytest.fixture()
 def viewer(model, tmp_path):
     bundle, index, _ = model
-    server = ViewerServer("--bundle", str(bundle), "--index", str(index), "--device", "cpu", log_dir=tmp_path)
+    server = ViewerServer("--bundle", str(bundle), "--index", str(index), "--device", "cpu", log_dir=tmp_path,
+                          data_roots=[tmp_path])
     yield server
     server.close()
 

@@ -9,14 +9,17 @@ Threading is the module's: model work runs on the runner's background thread and
 touched on the server's event loop, where :meth:`ViewerApp.poll` delivers the runner's events (the
 Slicer widget does the same from a QTimer).
 
->>> app = ViewerApp(bundle="demo/bundle.zip", index="demo/index")
->>> app.server.start(port=8080, open_browser=False)
+>>> app = ViewerApp(bundle="demo/bundle.zip", index="demo/index", token=resolve_token(), data_roots=["demo"])
+>>> app.server.start(port=8080, open_browser=False)   # open http://localhost:8080/?secret=<the token>
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,12 +42,183 @@ JOB_TITLES = {
 }
 
 
+TOKEN_ENV = "DECIPHER_MR_VIEWER_TOKEN"
+DEFAULT_MAX_UPLOAD_MB = 2048
+REFUSED_PAGE = (
+    "<!doctype html><html><head><meta charset=\"utf-8\"><title>DecipherMR viewer: token needed</title></head>"
+    "<body><h1>This DecipherMR viewer needs its access token</h1>"
+    "<p>Open the address that <code>decipher-mr view</code> printed when it started "
+    "(it ends in <code>?secret=&hellip;</code>), or ask the person who started it.</p></body></html>"
+)
+
+
+class PathNotAllowed(PermissionError):
+    """A path typed in the page that is outside the viewer's data roots."""
+
+
+class DataRoots:
+    """The folders (and single files) whose contents the page may open by path.
+
+    A path is allowed when, with every symlink resolved, it is one of the roots or lies under one;
+    a path with a ``..`` component is refused outright (even when it would resolve inside).
+    """
+
+    def __init__(self, roots) -> None:
+        self.roots = []
+        for root in roots:
+            resolved = Path(root).expanduser().resolve()
+            if resolved not in self.roots:
+                self.roots.append(resolved)
+
+    def check(self, path: str, what: str = "path") -> Path:
+        """The resolved path to open, or :class:`PathNotAllowed` with a message for the page."""
+        given = Path(str(path).strip()).expanduser()
+        if ".." in given.parts:
+            raise PathNotAllowed(f"{path}: a {what} with '..' is not accepted; type the full path")
+        resolved = given.resolve()
+        for root in self.roots:
+            if resolved == root or resolved.is_relative_to(root):
+                return resolved
+        where = ", ".join(str(r) for r in self.roots) or "none"
+        link = " (it is a link to somewhere else)" if resolved != given.absolute() else ""
+        raise PathNotAllowed(f"{path}: outside the folders this viewer may read{link}; allowed: {where} "
+                             "(start `decipher-mr view` with --data-root to allow another folder)")
+
+
+class TokenGate:
+    """The viewer's access token, checked on every HTTP request and on the websocket's ``wslink.hello``.
+
+    * HTTP (aiohttp middleware on the trame server's application): the page, its scripts and the
+      websocket upgrade need the token, given as ``?secret=`` (what the printed URL carries; the trame
+      client sends it on in ``wslink.hello`` and removes it from the address bar), an
+      ``Authorization: token …`` header, or the cookie set when the token was first presented (so that
+      reloads and the page's own requests work). Anything else gets :data:`REFUSED_PAGE` with 403.
+    * websocket: a wslink link protocol whose ``validateToken`` wslink asks on ``wslink.hello``,
+      before it lets the client call anything or sends it any state.
+
+    Tokens are compared in constant time. ``token=None`` lets everyone in (``--no-token``).
+    """
+
+    def __init__(self, token: str | None, max_message_bytes: int | None = None) -> None:
+        self.token = token
+        self.max_message_bytes = max_message_bytes
+        self._upgraded: set[str] = set()
+        self._web_server = None
+        if token:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            self.cookie_name = f"dmr-viewer-{digest[:12]}"  # one per token: several viewers on one host
+            self._cookie_value = hmac.new(token.encode(), b"decipher-mr viewer cookie", "sha256").hexdigest()
+
+    # --- the secret ---
+    def _matches(self, candidate) -> bool:
+        return isinstance(candidate, str) and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    def request_allowed(self, request) -> bool:
+        if self.token is None:
+            return True
+        if self._matches(request.query.get("secret")) or self._matches(request.query.get("token")):
+            return True
+        header = request.headers.get("Authorization", "")
+        if header[:6].lower() == "token " and self._matches(header[6:].strip()):
+            return True
+        cookie = request.cookies.get(self.cookie_name)
+        return isinstance(cookie, str) and hmac.compare_digest(cookie.encode(), self._cookie_value.encode())
+
+    # --- HTTP: aiohttp middleware ---
+    def middleware(self):
+        from aiohttp import web
+
+        gate = self
+
+        @web.middleware
+        async def require_token(request, handler):
+            if not gate.request_allowed(request):
+                return web.Response(status=403, text=REFUSED_PAGE, content_type="text/html",
+                                    headers={"Cache-Control": "no-store"})
+            origin = request.headers.get("Origin")
+            if request.headers.get("Upgrade", "").lower() == "websocket" and origin:
+                from urllib.parse import urlsplit
+
+                if urlsplit(origin).netloc != request.host:  # another site's page opening our websocket
+                    return web.Response(status=403, text=REFUSED_PAGE, content_type="text/html")
+            request["dmr_token_checked"] = True
+            response = await handler(request)
+            if gate.token is not None and not response.prepared and request.cookies.get(gate.cookie_name) != gate._cookie_value:
+                response.set_cookie(gate.cookie_name, gate._cookie_value, httponly=True, samesite="Strict", path="/")
+            return response
+
+        return require_token
+
+    def bind(self, web_server) -> None:
+        """``on_server_bind``: put the middleware in front of every route (before aiohttp freezes them)."""
+        self._web_server = web_server
+        if self.token is not None:
+            web_server.app.middlewares.insert(0, self.middleware())
+
+    # --- websocket: wslink link protocol ---
+    def link_protocol(self):
+        from wslink.websocket import LinkProtocol
+
+        gate = self
+
+        class TokenProtocol(LinkProtocol):
+            def onConnect(self, request, client_id):
+                if gate.token is None or (hasattr(request, "get") and request.get("dmr_token_checked")):
+                    gate._upgraded.add(client_id)
+                gate._bound_messages(client_id)
+
+            def onClose(self, client_id):
+                gate._upgraded.discard(client_id)
+
+            async def validateToken(self, token, client_id):
+                if gate.token is None:
+                    return True
+                # the secret sent in wslink.hello, or (a reloaded page, whose URL no longer has it)
+                # the token or cookie its websocket upgrade request carried
+                return gate._matches(token) or client_id in gate._upgraded
+
+        return TokenProtocol()
+
+    def _bound_messages(self, client_id: str) -> None:
+        """Once authenticated, wslink lets a client's messages reach 4 GB; keep them to the upload limit,
+        refused from the first chunk's declared size, before the bytes are received."""
+        if not self.max_message_bytes or self._web_server is None:
+            return
+        limit = self.max_message_bytes
+        for handler in getattr(self._web_server, "_ws_handlers", []):
+            unchunker = handler.unchunkers.get(client_id)
+            if unchunker is not None:
+                original = unchunker.set_max_message_size
+                unchunker.set_max_message_size = lambda size, _set=original: _set(min(size, limit))
+
+
+def resolve_token(token: str | None = None, no_token: bool = False) -> str | None:
+    """The token to use: the given one, else ``$DECIPHER_MR_VIEWER_TOKEN``, else a new random secret;
+    ``None`` with ``no_token``."""
+    if no_token:
+        return None
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if token is not None:
+        token = token.strip()
+        if len(token) < 8:
+            raise ValueError("the token must be at least 8 characters")
+        return token
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
 class ViewerApp:
     """The DecipherMR viewer on one trame server.
 
     ``bundle``/``index`` configure the panel at start (they can be changed in the page);
     ``volume`` is loaded once the page is ready; ``engine`` is ``"worker"`` (the persistent
     ``decipher-mr worker`` process, what the Slicer module uses) or ``"in-process"``.
+
+    Access: ``token`` (``None``: anyone who reaches the port) is required by :class:`TokenGate` on every
+    HTTP request and on the websocket; paths typed in the page must be inside ``data_roots``
+    (default: the current folder and the folders of ``bundle``, ``index``, ``volume``); an upload may
+    not exceed ``max_upload_bytes``.
     """
 
     def __init__(
@@ -57,6 +231,9 @@ class ViewerApp:
         engine: str = "worker",
         encoder: str = "turbo-jpeg",
         title: str = "DecipherMR",
+        token: str | None = None,
+        data_roots=None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20,
     ) -> None:
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
@@ -68,6 +245,16 @@ class ViewerApp:
         from DecipherMRLib.ModuleLogic import ModuleLogic
 
         self.server = server or get_server(None, client_type="vue3")
+        # Access: the token (HTTP middleware + wslink hello) and the folders the page may open by path.
+        self.gate = TokenGate(token, max_message_bytes=max_upload_bytes + 2**20)
+        self.server.cli.set_defaults(authKey=token or "wslink-secret")  # trame's own wslink secret
+        self.server.add_protocol_to_configure(lambda protocol: protocol.registerLinkProtocol(self.gate.link_protocol()))
+        self.server.controller.on_server_bind.add(self.gate.bind)
+        if data_roots is None:
+            data_roots = [Path.cwd(), *(Path(p).expanduser().resolve().parent for p in (bundle, index, volume) if p)]
+        self.data_roots = DataRoots(data_roots)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self._upload = {"files": [], "bytes": 0, "refused": False}
         self.server.enable_module(trame_slicer_module)
         self.state = self.server.state
         self.slicer_app = SlicerApp()
@@ -135,6 +322,9 @@ class ViewerApp:
         s.dmr_highlight = None
         s.dmr_jobs_done = 0
         s.dmr_last_job = None
+        s.dmr_max_upload = self.max_upload_bytes
+        s.dmr_uploading_files = False
+        s.dmr_uploading_dir = False
 
     def _error(self, message: str) -> None:
         with self.state:
@@ -157,11 +347,14 @@ class ViewerApp:
             bundle = self.state.dmr_bundle.strip()
             if not bundle:
                 raise ValueError("type the path of a model bundle (a folder or a .zip)")
-            if not Path(bundle).expanduser().exists():
-                raise FileNotFoundError(f"{bundle}: no such model bundle")
+            typed_bundle, bundle = bundle, str(self.data_roots.check(bundle, "model bundle"))
+            if not Path(bundle).exists():
+                raise FileNotFoundError(f"{typed_bundle}: no such model bundle")
             index = self.state.dmr_index.strip() or None
-            if index and not Path(index).expanduser().exists():
-                raise FileNotFoundError(f"{index}: no such retrieval index")
+            if index:
+                typed_index, index = index, str(self.data_roots.check(index, "retrieval index"))
+                if not Path(index).exists():
+                    raise FileNotFoundError(f"{typed_index}: no such retrieval index")
             from decipher_mr.bundle import verify_bundle
 
             report = verify_bundle(bundle)
@@ -178,13 +371,19 @@ class ViewerApp:
         self._guard("Model bundle", do)
 
     # --- volumes ---------------------------------------------------------------------------------
-    def load_volume(self, path: str | None = None, name: str | None = None):
-        """Load a file or DICOM folder from the server's disk, show it, and make it the input."""
+    def load_volume(self, path: str | None = None, name: str | None = None, _trusted: bool = False):
+        """Load a file or DICOM folder from the server's disk, show it, and make it the input.
+
+        The path must be inside the data roots (``_trusted``: a file the viewer wrote itself, an upload)."""
         path = (path if path is not None else self.state.dmr_volume_path or "").strip()
         if not path:
             self._error("Open volume: type the path of an image file or a DICOM folder on the server")
             return None
-        node = self._guard("Open volume", self.lib.load_volume_file, self.scene, path, name=name)
+        if not _trusted:
+            allowed = self._guard("Open volume", self.data_roots.check, path, "volume")
+            if allowed is None:
+                return None
+        node = self._guard("Open volume", self.lib.load_volume_file, self.scene, path if _trusted else str(allowed), name=name)
         if node is not None:
             self._show_volume(node, reset=True)
             with self.state:
@@ -192,11 +391,53 @@ class ViewerApp:
                 self.state.dmr_status = f"Opened {node.GetName()} ({'x'.join(map(str, node.GetImageData().GetDimensions()))} voxels)."
         return node
 
+    # --- uploads -----------------------------------------------------------------------------------
+    def upload_too_large(self, size=None) -> None:
+        """The page saw that the chosen files exceed the limit and sent nothing."""
+        self._error(self._upload_message(size))
+
+    def _upload_message(self, size=None) -> str:
+        limit = self.max_upload_bytes / 2**20
+        got = f" ({float(size) / 2**20:.1f} MB)" if isinstance(size, (int, float)) else ""
+        return (f"Upload refused: the files are larger than this viewer accepts{got}; the limit is {limit:g} MB "
+                "(decipher-mr view --max-upload-mb). Copy large files to the server and type their path instead.")
+
+    async def receive_upload_chunk(self, files: list[dict] | None = None) -> None:
+        """One chunk of an upload from the page (trame-slicer's chunk loader); an empty list ends it.
+
+        The bytes are counted as the chunks arrive: past the limit, what was received is dropped and the
+        rest of the upload is ignored."""
+        up = self._upload
+        if files:
+            if up["refused"]:
+                return
+            for item in files:
+                content = item.get("content") if isinstance(item, dict) else None
+                parts = content if isinstance(content, list) else [content]
+                up["bytes"] += sum(len(p) for p in parts if isinstance(p, (bytes, bytearray, memoryview)))
+            if up["bytes"] > self.max_upload_bytes:
+                self._upload = {"files": [], "bytes": up["bytes"], "refused": True}
+                self._error(self._upload_message(up["bytes"]))
+                return
+            up["files"].extend(files)
+            return
+        received, refused = up["files"], up["refused"]
+        self._upload = {"files": [], "bytes": 0, "refused": False}
+        if not refused:
+            self.load_uploaded(received)
+
     def load_uploaded(self, files: list[dict]) -> None:
         """Files sent from the browser (one image, or every file of a DICOM folder) written to a private folder."""
         from trame.app.file_upload import ClientFile
 
         if not files:
+            return
+        total = 0
+        for item in files:
+            content = item.get("content") if isinstance(item, dict) else None
+            total += sum(len(p) for p in (content if isinstance(content, list) else [content]) if p is not None)
+        if total > self.max_upload_bytes:
+            self._error(self._upload_message(total))
             return
         folder = Path(tempfile.mkdtemp(dir=self._upload_dir.name))
         written = []
@@ -212,10 +453,10 @@ class ViewerApp:
             self._error("Upload: no file was received")
             return
         if len(written) == 1:
-            self.load_volume(str(written[0]))
+            self.load_volume(str(written[0]), _trusted=True)
         else:  # the files of a DICOM folder: named after the folder the user picked, when the browser says
             relative = str(files[0].get("webkitRelativePath") or files[0].get("relativePath") or "")
-            self.load_volume(str(folder), name=relative.split("/")[0] if "/" in relative else "DICOM upload")
+            self.load_volume(str(folder), name=relative.split("/")[0] if "/" in relative else "DICOM upload", _trusted=True)
 
     def _show_volume(self, node, reset: bool = False) -> None:
         dm = self.slicer_app.display_manager

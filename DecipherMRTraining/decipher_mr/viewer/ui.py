@@ -14,7 +14,6 @@ def build_ui(app, title: str = "DecipherMR"):
     from trame.ui.vuetify3 import VAppLayout
     from trame.widgets import html
     from trame.widgets import vuetify3 as v
-    from trame_slicer.app.ui import LoadVolumeUI
 
     server = app.server
     ctrl = server.controller
@@ -24,8 +23,7 @@ def build_ui(app, title: str = "DecipherMR"):
             html.Div(title, classes="text-h6 mr-4", style="user-select: none;", id="dmr-title")
             html.Span("{{ dmr_model_info }}", classes="text-caption text-grey", id="dmr-model-info")
             v.VSpacer()
-            uploads = LoadVolumeUI()
-            uploads.on_load_volume.connect(app.load_uploaded)
+            _upload_buttons(app)
             html.Span("Research use only", classes="text-caption text-amber mx-3", title=DISCLAIMER)
 
         with v.VNavigationDrawer(v_model=("dmr_drawer", True), width=400, permanent=True, id="dmr-panel"):
@@ -47,6 +45,32 @@ def build_ui(app, title: str = "DecipherMR"):
             html.Span("DecipherMR viewer on Slicer's MRML scene (trame-slicer). " + DISCLAIMER, classes="text-grey")
     ctrl.dmr_configure = app.configure
     return layout
+
+
+def _upload_buttons(app):
+    """Open Files / Open Directory: sent to the server in chunks by trame-slicer's chunk loader
+    (``window.load_files_by_chunks``), to :meth:`ViewerApp.receive_upload_chunk`, which counts the bytes
+    as they arrive. Files over the limit are refused here first, before anything is sent."""
+    from trame.widgets import html
+    from trame.widgets import vuetify3 as v
+
+    server = app.server
+    chunk = server.trigger_name(app.receive_upload_chunk)
+    too_large = server.trigger_name(app.upload_too_large)
+    for name, directory, icon, busy, field_id in (
+        ("Open Files", False, "mdi-file-upload", "dmr_uploading_files", "dmr-upload-files"),
+        ("Open Directory", True, "mdi-folder-upload", "dmr_uploading_dir", "dmr-upload-dir"),
+    ):
+        change = (
+            f"(Array.from($event.target.files || []).reduce((n, f) => n + f.size, 0) > dmr_max_upload)"
+            f" ? trame.trigger('{too_large}', [Array.from($event.target.files).reduce((n, f) => n + f.size, 0)])"
+            f" : ({busy} = true, window.load_files_by_chunks($event.target.files, {{ trigger_name: '{chunk}' }})"
+            f".finally(() => {{ {busy} = false; }}))"
+        )
+        with html.Div(classes="d-flex justify-center", style="width: 50px; height: 50px;", title=name, id=field_id):
+            v.VFileInput(v_if=(f"!{busy}",), change=change, prepend_icon=icon, multiple=not directory,
+                         hide_input=True, raw_attrs=["webkitdirectory"] if directory else [])
+            v.VProgressCircular(v_else=True, indeterminate=True, size=24)
 
 
 def _action_field(model: str, label: str, action, field_id: str, icon: str | None = None, **kwargs):
