@@ -9,28 +9,47 @@ with the same centre.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from decipher_mr.train.distributed import all_reduce_sum
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
     """Balanced soft assignments (rows sum to 1) of the teacher's logits, over all ranks' samples.
 
+    The logits are shifted by their maximum over all ranks before ``exp`` (a constant shift cancels
+    in the first normalisation), so the result is the same for any number of processes that
+    together hold the same rows. A rank may hold no rows (no masked patch): it gets a (0, K) result
+    and still takes part in every collective, so the other ranks do not wait for it forever.
+
     >>> targets = sinkhorn_knopp(teacher_logits, temperature=0.07)
     """
-    q = torch.exp((logits.float() - logits.float().max()) / temperature).t()  # (K, B)
-    b = torch.tensor(float(q.shape[1]), device=q.device)
-    all_reduce_sum(b)
+    logits = logits.float()
+    device = logits.device
+    # The same collectives, in the same order, on every rank whatever its number of rows.
+    peak = logits.max().reshape(1) if logits.numel() else torch.full((1,), float("-inf"), device=device)
+    _all_reduce(peak, dist.ReduceOp.MAX)
+    b = torch.tensor([float(logits.shape[0])], device=device)
+    _all_reduce(b)
+    if float(b) == 0:  # no row on any rank (every rank sees the same count, so all stop here)
+        return logits.new_zeros(logits.shape)
+    q = torch.exp((logits - peak) / temperature).t()  # (K, B_local)
     k = q.shape[0]
     total = q.sum()
-    all_reduce_sum(total)
+    _all_reduce(total)
     q /= total
     for _ in range(iterations):
         rows = q.sum(dim=1, keepdim=True)
-        all_reduce_sum(rows)
+        _all_reduce(rows)
         q /= rows
         q /= k
         q /= q.sum(dim=0, keepdim=True)

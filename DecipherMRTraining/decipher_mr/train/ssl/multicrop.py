@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from decipher_mr.data.cache import PreparedCache
-from decipher_mr.train.ssl.masking import BlockMaskConfig, sample_masks
+from decipher_mr.train.ssl.masking import BlockMaskConfig, kept_crops, masked_crop_count, sample_masks
 
 
 @dataclass
@@ -168,11 +168,14 @@ class MultiCropDataset(torch.utils.data.Dataset):
         for _ in range(c.n_local):
             box = sample_box(volume.shape, c.local_size, c.local_scale_inplane, c.local_scale_through, c.aspect, rng)
             local.append(self._augment(crop_resized(volume, box, c.local_size), rng, 1.0))
-        masks = sample_masks(2, self.grid, rng, self.mask_cfg)
+        masks, slots = sample_masks(int(key), self.grid, rng, self.mask_cfg)
         return {
             "global": torch.stack(views),
             "local": torch.stack(local) if local else torch.zeros((0, 1, *c.local_size)),
+            # Candidate masks; the collate keeps those of the batch's first-ranked crops.
             "masks": torch.from_numpy(masks),
+            "mask_slots": torch.from_numpy(slots),
+            "mask_fraction": torch.tensor(float(self.mask_cfg.sample_probability), dtype=torch.float64),
             "key": torch.tensor(int(key)),
         }
 
@@ -196,10 +199,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 def collate_multicrop(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Batch views crop-major: global (2B, 1, ...) = [view 0 of every sample, view 1 of every sample],
-    local (nB, 1, ...) likewise, masks (2B, N) aligned with the global crops."""
+    local (nB, 1, ...) likewise, masks (2B, N) aligned with the global crops.
+
+    Exactly ``int(2B * sample_probability)`` global crops keep their masks (DINOv2's fixed count):
+    those ranked first by ``slot * B + position`` (see :mod:`decipher_mr.train.ssl.masking`), which
+    masks the same crops of the global batch whatever the number of processes.
+    """
+    n_masked = masked_crop_count(len(samples), float(samples[0]["mask_fraction"]))
+    keep = torch.from_numpy(kept_crops(torch.stack([s["mask_slots"] for s in samples]).numpy(), n_masked))  # (B, 2)
+    masks = torch.stack([s["masks"] for s in samples]) & keep[..., None]  # (B, 2, N)
     return {
         "global": torch.stack([s["global"] for s in samples], 1).flatten(0, 1),
         "local": torch.stack([s["local"] for s in samples], 1).flatten(0, 1),
-        "masks": torch.stack([s["masks"] for s in samples], 1).flatten(0, 1),
+        "masks": masks.transpose(0, 1).flatten(0, 1),
         "keys": torch.stack([s["key"] for s in samples]),
     }
