@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"decipher-mr view: --host {args.host} exposes the viewer beyond this machine; it needs the token "
               "(leave out --no-token)", file=sys.stderr)
         return 2
-    from decipher_mr.viewer.app import DEFAULT_MAX_UPLOAD_MB, resolve_token
+    from decipher_mr.viewer.access import DEFAULT_MAX_UPLOAD_MB, resolve_token
 
     try:
         token = resolve_token(args.token, no_token=args.no_token)
