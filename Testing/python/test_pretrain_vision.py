@@ -139,7 +139,8 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     # another order, which changes nothing but float32 rounding. AdamW turns rounding noise in gradients
     # that are zero in exact arithmetic (the key bias: softmax ignores a per-row shift) into steps of about
     # lr, so after the first real step runs agree only to that floor, on any machine. DDP must stay within
-    # a few times it; a wrong gradient average or loss normalisation is orders of magnitude above it.
+    # ten times it (measured: 3 to 4.5 times); a DDP run with a 5% larger lr is about 30 times it, and a
+    # wrong gradient average or loss normalisation is far above that.
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
@@ -150,12 +151,12 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     a, b, c = metrics(ddp_dir), metrics(single_dir), metrics(reordered_dir)
     for it in range(4):
         floor = abs(c[it]["loss"] - b[it]["loss"])
-        assert abs(a[it]["loss"] - b[it]["loss"]) <= 3 * floor + 1e-5, (it, a[it]["loss"], b[it]["loss"], floor)
+        assert abs(a[it]["loss"] - b[it]["loss"]) <= 10 * floor + 1e-5, (it, a[it]["loss"], b[it]["loss"], floor)
     wa, wb, wc = weights_of(ddp_dir), weights_of(single_dir), weights_of(reordered_dir)
     assert wa.keys() == wb.keys() == wc.keys()
     ddp_gap = torch.sqrt(sum(((wa[k] - wb[k]).double() ** 2).sum() for k in wa))
     noise = torch.sqrt(sum(((wc[k] - wb[k]).double() ** 2).sum() for k in wa))
-    assert ddp_gap <= 3 * noise + 1e-5, (float(ddp_gap), float(noise))
+    assert ddp_gap <= 10 * noise + 1e-5, (float(ddp_gap), float(noise))
 
 
 @pytest.fixture(scope="module")
