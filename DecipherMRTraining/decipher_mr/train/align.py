@@ -11,8 +11,17 @@ memory is that of one piece. Dropout/drop-path randomness is replayed so both pa
 piece's re-encoding starts from the CPU generator state and the generator state of every
 accelerator device (cuda, ...) that the first encoding of that piece started from.
 
-Gradients are averaged over ranks explicitly after the backward (not by DDP hooks), because the
-feature-gradient pass of GradCache runs outside any wrapped forward.
+**Across ranks.** The towers (:class:`TowerForward`) run inside DDP, whose bucketed all-reduce
+overlaps with the backward. With GradCache every chunk's second-pass backward but the last runs
+under ``no_sync()``: the gradients of all chunks accumulate locally and DDP reduces them once,
+during the last chunk's backward. ``logit_scale`` only enters the loss (evaluated outside any
+wrapped forward) and is averaged by hand.
+
+**Speed (issue 13).** ``train.precision`` ``auto`` runs the towers under bf16 autocast where bf16 is
+native (CUDA) and in fp32 elsewhere; the embeddings, CLIP loss and temperature are fp32. TF32 is
+allowed on CUDA, AdamW is fused on CUDA, ``train.compile`` compiles the towers, images are read and
+augmented by ``data.num_workers`` DataLoader workers and sent as fp16, and a step synchronises with
+the host once (:func:`decipher_mr.train.runtime.fetch_metrics`).
 
 Output folder::
 
@@ -45,8 +54,10 @@ from decipher_mr.models.text import TextTower, pad_token_ids, tokenize_reports
 from decipher_mr.train import checkpoint as ckpt
 from decipher_mr.train.clip_loss import ClipLoss
 from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
+from decipher_mr.models.vit3d import precision_context, resolve_precision
+from decipher_mr.train.runtime import adamw_options, configure_math, fetch_metrics
 from decipher_mr.train.ssl.export import teacher_backbone_from_run
-from decipher_mr.train.monitor import TrainingMonitor, effective_rank
+from decipher_mr.train.monitor import TrainingMonitor
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 
 ALIGN_DEFAULTS: dict[str, Any] = {
@@ -74,6 +85,11 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "train_split": "train",
     "resume": True,
     "progress": True,
+    # precision: "auto" (bf16 autocast where bf16 is native, e.g. CUDA; fp32 elsewhere), "bf16", "fp32".
+    # compile: torch.compile the two towers' forward (needs a C compiler; first steps are slow).
+    "train": {"precision": "auto", "compile": False},
+    # DataLoader worker processes that read and augment the images (0: the main process)
+    "data": {"num_workers": 2},
 }
 
 
@@ -105,25 +121,72 @@ def fit_volume(array: np.ndarray, size: Sequence[int], mode: str = "crop", rng: 
 
 
 def augment_intensity(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Light intensity jitter (scale ±10 %, shift ±0.1, noise σ 0.02). No flips: left/right is in the reports."""
-    out = volume * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
-    return (out + rng.normal(0.0, 0.02, size=volume.shape)).astype(np.float32)
+    """Light intensity jitter (scale ±10 %, shift ±0.1, noise σ 0.02). No flips: left/right is in the reports.
+
+    Everything is float32 (the noise is drawn in float32, no float64 temporaries): half the memory
+    traffic of drawing float64 noise and casting afterwards.
+    """
+    out = np.asarray(volume, dtype=np.float32) * np.float32(rng.uniform(0.9, 1.1))
+    out += np.float32(rng.uniform(-0.1, 0.1))
+    noise = rng.standard_normal(size=out.shape, dtype=np.float32)
+    noise *= np.float32(0.02)
+    out += noise
+    return out
 
 
 def image_batch(cache: PreparedCache, indices: Sequence[int], image_cfg: dict[str, Any],
-                rng: np.random.Generator | None) -> torch.Tensor:
-    """(B, 1, X, Y, Z) float32 views of cache items; ``rng=None`` gives the deterministic eval view."""
-    views = []
-    for i in indices:
+                rng: np.random.Generator | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 1, X, Y, Z) views of cache items (float32, or ``dtype``); ``rng=None`` gives the
+    deterministic eval view."""
+    size = tuple(int(s) for s in image_cfg["size"])
+    out = torch.empty((len(indices), 1, *size), dtype=dtype)
+    for n, i in enumerate(indices):
         try:
             arr = cache.load(i)
         except Exception as exc:  # a damaged item should name itself, not crash anonymously
             raise RuntimeError(f"{cache.root / cache.items[i].array}: cannot read item {cache.items[i].id} ({exc})") from exc
-        v = fit_volume(arr, image_cfg["size"], image_cfg.get("mode", "crop"), rng)
+        v = fit_volume(arr, size, image_cfg.get("mode", "crop"), rng)
         if rng is not None and image_cfg.get("augment", True):
             v = augment_intensity(v, rng)
-        views.append(torch.from_numpy(v))
-    return torch.stack(views)[:, None]
+        out[n, 0] = torch.from_numpy(v)  # cast to ``dtype`` while copying
+    return out
+
+
+class AlignBatches(torch.utils.data.Dataset):
+    """Stage-2 training batches by iteration number, for a ``DataLoader`` with workers.
+
+    Item ``it`` is ``(positions, images)``: this rank's share of global batch ``it`` of the
+    :class:`RegionBatchSampler` (positions into the sampler's item list) and their augmented views
+    in ``transfer_dtype`` (float16 by default: half the shared memory and host-to-device traffic of
+    float32; intensities are z-scored, so fp16's 11-bit mantissa keeps ~3 significant digits). The
+    augmentation is seeded by ``(seed, it, rank)`` alone, so the batches are the same for any number
+    of workers, and a loader over ``range(start, iterations)`` resumes the exact data stream.
+
+    >>> loader = DataLoader(AlignBatches(cache, train_idx, sampler, image_cfg, seed, rank),
+    ...                     sampler=range(start, iterations), batch_size=None, num_workers=4)
+    """
+
+    def __init__(self, cache: PreparedCache, items: Sequence[int], sampler: RegionBatchSampler,
+                 image_cfg: dict[str, Any], seed: int, rank: int = 0, transfer_dtype: torch.dtype = torch.float16):
+        self.cache, self.items, self.sampler, self.image_cfg = cache, list(items), sampler, image_cfg
+        self.seed, self.rank, self.transfer_dtype = int(seed), int(rank), transfer_dtype
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def positions(self, iteration: int) -> list[int]:
+        """This rank's sampler positions for ``iteration`` (what ``sampler.stream(0)`` yields there)."""
+        epoch, b = self.sampler.position(iteration)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, list(self.sampler.epoch_batches(epoch)))
+        return self._epoch[1][b]
+
+    def __len__(self) -> int:  # iterations are unbounded; the loader's sampler says which are read
+        return sys.maxsize
+
+    def __getitem__(self, iteration: int) -> tuple[list[int], torch.Tensor]:
+        local = self.positions(int(iteration))
+        rng = np.random.default_rng([self.seed, int(iteration), self.rank])
+        images = image_batch(self.cache, [self.items[i] for i in local], self.image_cfg, rng, dtype=self.transfer_dtype)
+        return local, images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,19 +213,6 @@ def param_groups(model: ImageTextModel, text_lr_scale: float) -> list[dict[str, 
         g = groups.setdefault((lr_scale, wd_scale), {"params": [], "lr_scale": lr_scale, "wd_scale": wd_scale})
         g["params"].append(p)
     return list(groups.values())
-
-
-def average_gradients(model: torch.nn.Module) -> None:
-    """Mean of every gradient over ranks, in one flat buffer (no-op on one process)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_mean(flat)
-    pos = 0
-    for g in grads:
-        g.copy_(flat[pos : pos + g.numel()].view_as(g))
-        pos += g.numel()
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
@@ -266,47 +316,159 @@ class TextSide:
             model.text.eval()
             self.pooled = model.text.encode(reports, batch_size=32, progress=progress).to(device)
 
-    def embed(self, indices: Sequence[int]) -> torch.Tensor:
+    def inputs(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """What :class:`TowerForward` takes for these reports: ``(pooled,)`` or ``(ids, mask)``."""
         if self.pooled is not None:
-            return self.model.project_text(self.pooled[list(indices)])
+            return (self.pooled[list(indices)],)
         batch = pad_token_ids([self.ids[i] for i in indices], self.model.text.tokenizer.pad_token_id)
-        return self.model.encode_text(batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+        return (batch.input_ids.to(self.device, non_blocking=True), batch.attention_mask.to(self.device, non_blocking=True))
+
+    def embed(self, indices: Sequence[int]) -> torch.Tensor:
+        return TowerForward.embed_text(self.model, self.inputs(indices))
+
+
+class TowerForward(torch.nn.Module):
+    """Both towers and their projections (not ``logit_scale``) as one ``forward``, the module DDP
+    wraps in stage 2: ``(images, text inputs) -> (image embeddings, report embeddings)``.
+
+    The submodules are the model's own (shared parameters); ``logit_scale`` only enters the loss,
+    which GradCache evaluates outside any forward, so it is averaged over ranks by hand.
+    """
+
+    def __init__(self, model: ImageTextModel):
+        super().__init__()
+        self.vision, self.text, self.image_proj, self.text_proj = model.vision, model.text, model.image_proj, model.text_proj
+        object.__setattr__(self, "clip", model)  # not a submodule: its logit_scale stays out of DDP
+
+    @staticmethod
+    def embed_text(model: ImageTextModel, text_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(text_inputs) == 1:
+            return model.project_text(text_inputs[0])
+        return model.encode_text(*text_inputs)
+
+    def forward(self, images: torch.Tensor, *text_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clip.encode_image(images), self.embed_text(self.clip, text_inputs)
+
+
+def parameters_without_gradient(towers: TowerForward, images: torch.Tensor, text_inputs: Sequence[torch.Tensor]) -> list[str]:
+    """Names of trainable parameters of ``towers`` that a forward never reaches (the ViT's
+    ``mask_token`` in stage 2, an unused pooler, ...), found by walking the autograd graph of one
+    probe forward (no backward; the RNG streams are left as they were). DDP must ignore them."""
+    devices = rng_devices(images, towers)
+    reached: set[int] = set()
+    with replay_rng(RngState(devices)), torch.enable_grad():
+        outputs = towers(images, *text_inputs)
+        stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+        seen: set[int] = set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            if hasattr(fn, "variable"):
+                reached.add(id(fn.variable))
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return [n for n, p in towers.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def wrap_towers(model: ImageTextModel, ctx, probe_images: torch.Tensor, probe_text: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """:class:`TowerForward` of ``model``, in DDP when there is a process group.
+
+    DDP's bucketed all-reduce then runs *during* the backward (overlapping communication with the
+    remaining gradient computation) instead of one flat all-reduce after it; :func:`clip_step`
+    keeps GradCache exact by back-propagating every chunk but the last under ``no_sync()``, so the
+    buckets are reduced once, in the last chunk's backward, over the gradients of all chunks.
+    """
+    towers = TowerForward(model)
+    if not ctx.is_distributed:
+        return towers
+    ignore = parameters_without_gradient(towers, probe_images, probe_text)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, ignore)
+    return torch.nn.parallel.DistributedDataParallel(
+        towers, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def average_gradients(model: torch.nn.Module | Sequence[torch.nn.Parameter]) -> None:
+    """Mean of every gradient over ranks, in one flat buffer (no-op on one process).
+
+    Stage 2 leaves the towers to DDP and passes only what DDP does not cover (``logit_scale``)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_mean(flat)
+    pos = 0
+    for g in grads:
+        g.copy_(flat[pos : pos + g.numel()].view_as(g))
+        pos += g.numel()
 
 
 def clip_step(model: ImageTextModel, loss_fn: ClipLoss, images: torch.Tensor, text: TextSide,
-              indices: Sequence[int], chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              indices: Sequence[int], chunks: int = 1, precision: str = "fp32",
+              towers: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward + backward of one batch; returns ``(loss, image embeddings, text embeddings)`` detached.
 
-    With ``chunks > 1`` this is the GradCache procedure of the module docstring.
+    With ``chunks > 1`` this is the GradCache procedure of the module docstring. The towers run
+    under ``precision`` (``"bf16"``: autocast; ``"fp32"``), entered afresh for every chunk forward
+    so the cached and the replayed forward do the same arithmetic; the embeddings are cast to fp32
+    and the CLIP loss and temperature are computed in fp32 outside autocast. ``towers`` is the
+    module to run the chunks through (:func:`wrap_towers`: DDP under a process group); by default
+    the plain :class:`TowerForward` of ``model``. Nothing here waits for the device.
 
     >>> loss, img, txt = clip_step(model, ClipLoss(), images, text_side, batch_indices, chunks=4)
     """
+    towers = towers if towers is not None else TowerForward(model)
+    plain = towers.module if isinstance(towers, torch.nn.parallel.DistributedDataParallel) else towers
+    device_type = images.device.type
+
+    def encode(module, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        with precision_context(device_type, precision):
+            img, txt = module(images[rows], *text.inputs(indices[rows]))
+        return img.float(), txt.float()
+
+    indices = list(indices)
     if chunks <= 1:
-        img = model.encode_image(images)
-        txt = text.embed(indices)
+        img, txt = encode(towers, slice(0, len(indices)))
         loss = loss_fn(img, txt, model.scale())
         loss.backward()
         return loss.detach(), img.detach(), txt.detach()
-    bounds = np.array_split(np.arange(len(indices)), min(chunks, len(indices)))
+    bounds = [slice(int(p[0]), int(p[-1]) + 1) for p in np.array_split(np.arange(len(indices)), min(chunks, len(indices)))]
     # generators a chunk's forward may draw from: the CPU one plus those of the devices of the images,
     # of the token ids / pooled features, and of every parameter and buffer of both towers
     devices = rng_devices(images, text.device, text.pooled, model)
     states, img_parts, txt_parts = [], [], []
     with torch.no_grad():
-        for part in bounds:
+        for rows in bounds:
             states.append(RngState(devices))
-            img_parts.append(model.encode_image(images[part]))
-            txt_parts.append(text.embed([indices[i] for i in part]))
+            img, txt = encode(plain, rows)  # no autograd: DDP is not involved
+            img_parts.append(img)
+            txt_parts.append(txt)
     img_all = torch.cat(img_parts).requires_grad_(True)
     txt_all = torch.cat(txt_parts).requires_grad_(True)
     loss = loss_fn(img_all, txt_all, model.scale())
-    loss.backward()  # gradients of the features (and of logit_scale) over the whole batch
-    for part, state in zip(bounds, states):
-        with replay_rng(state):
-            img = model.encode_image(images[part])
-            txt = text.embed([indices[i] for i in part])
-        torch.autograd.backward([img, txt], [img_all.grad[part], txt_all.grad[part]])
+    loss.backward()  # gradients of the features (and of logit_scale) over the whole batch, in fp32
+    ddp = isinstance(towers, torch.nn.parallel.DistributedDataParallel)
+    for n, (rows, state) in enumerate(zip(bounds, states)):
+        last = n == len(bounds) - 1
+        # DDP reduces gradients only in the last chunk's backward, over the sum of all chunks
+        with (towers.no_sync() if ddp and not last else contextlib.nullcontext()):
+            with replay_rng(state):
+                img, txt = encode(towers, rows)
+            torch.autograd.backward([img, txt], [img_all.grad[rows], txt_all.grad[rows]])
     return loss.detach(), img_all.detach(), txt_all.detach()
+
+
+def effective_rank_tensor(embeddings: torch.Tensor) -> torch.Tensor:
+    """:func:`decipher_mr.train.monitor.effective_rank` as a 0-d tensor, without a host sync in the
+    formula itself (run it on a host copy: ``svdvals`` synchronises on CUDA)."""
+    x = embeddings.float()
+    x = x - x.mean(0, keepdim=True)
+    if x.shape[0] < 2:
+        return torch.tensor(float("nan"))
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(torch.special.entr(p).sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +506,11 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
     sched = TrainingSchedules.build(iterations, lr=float(cfg["lr"]), min_lr=float(cfg["min_lr"]),
                                     warmup_iterations=int(cfg["warmup_iterations"]),
                                     weight_decay=float(cfg["weight_decay"]))
-    optimizer = torch.optim.AdamW(param_groups(model, float(cfg["text_lr_scale"])), lr=float(cfg["lr"]))
+    optimizer = torch.optim.AdamW(param_groups(model, float(cfg["text_lr_scale"])), lr=float(cfg["lr"]),
+                                  **adamw_options(ctx.device))
+    tc = {**ALIGN_DEFAULTS["train"], **(cfg.get("train") or {})}
+    precision = resolve_precision(ctx.device, tc["precision"])
+    configure_math(ctx.device)
     arch = {"model": {k: v for k, v in model_record(model).items() if k in ("embed_dim", "vision")},
             "text_hidden": model.text.hidden_size, "text_layers": model.text.backbone.config.num_hidden_layers,
             "trainable": [str(cfg["vision_trainable"]), str(cfg["text_trainable"])]}
@@ -365,25 +531,42 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
                               desc="align")
     model.train()
     model.set_frozen_towers_eval()
+    dataset = AlignBatches(cache, train_idx, sampler, cfg["image"], seed, ctx.rank)
+    workers = int((cfg.get("data") or {}).get("num_workers", 0))
+    # batch_size=None: each item is a whole batch; the loader reads iterations start.. in order
+    loader = torch.utils.data.DataLoader(dataset, sampler=range(start, iterations), batch_size=None,
+                                         num_workers=workers, pin_memory=ctx.device.type == "cuda",
+                                         prefetch_factor=2 if workers else None)
+    probe = torch.zeros((1, 1, *(int(v) for v in cfg["image"]["size"])), device=ctx.device)
+    towers = wrap_towers(model, ctx, probe, text.inputs([0]))
+    if tc.get("compile"):
+        # in place (state_dict keys unchanged); recompiles happen on a new batch shape or grad mode
+        model.vision.compile()
+        if text.pooled is None:
+            model.text.compile()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     last_loss = float("nan")
-    stream = sampler.stream(start)
     try:
-        for it in range(start, iterations):
-            local = next(stream)
+        for it, (local, images) in zip(range(start, iterations), loader):
             apply_to_optimizer(optimizer, **{k: v for k, v in sched.at(it).items() if k in ("lr", "weight_decay")})
-            rng = np.random.default_rng([seed, it, ctx.rank])
-            images = image_batch(cache, [train_idx[i] for i in local], cfg["image"], rng).to(ctx.device)
+            images = images.to(ctx.device, non_blocking=True).float()  # sent as fp16 from the workers
             optimizer.zero_grad(set_to_none=True)
-            loss, img, txt = clip_step(model, loss_fn, images, text, local, int(cfg["chunks"]))
-            average_gradients(model)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            loss, img, txt = clip_step(model, loss_fn, images, text, local, int(cfg["chunks"]), precision, towers)
+            if ctx.is_distributed:
+                average_gradients([model.logit_scale])  # the towers' gradients were reduced by DDP
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             model.clamp_logit_scale_()
-            last_loss = float(all_reduce_mean(loss.clone()))
-            metrics = {"loss": last_loss, "lr": sched.at(it)["lr"], "temperature": float(1 / model.scale().detach())}
-            if (it + 1) % 10 == 0 or it + 1 == iterations:
-                metrics["rank/image"] = effective_rank(img)
-                metrics["rank/text"] = effective_rank(txt)
+            # the step's one host synchronisation: all its scalars, averaged over ranks, fetched together
+            want_rank = (it + 1) % 10 == 0 or it + 1 == iterations
+            if want_rank:  # copied to the host without waiting; complete once the fetch below returns
+                host = (img.to("cpu", non_blocking=True), txt.to("cpu", non_blocking=True))
+            metrics = fetch_metrics({"loss": loss, "temperature": 1 / model.scale().detach(), "grad_norm": grad_norm})
+            last_loss = metrics["loss"]
+            metrics["lr"] = sched.at(it)["lr"]
+            if want_rank:
+                metrics["rank/image"] = float(effective_rank_tensor(host[0]))
+                metrics["rank/text"] = float(effective_rank_tensor(host[1]))
             monitor.step(it + 1, metrics, samples=len(local) * ctx.world_size)
             done = it + 1
             if done % int(cfg["checkpoint_every"]) == 0 or done == iterations:

@@ -5,6 +5,10 @@ a random token and 10 % stay, and the loss is the cross-entropy on the chosen to
 held-out perplexity (``exp`` of that loss on the ``val`` split, with a fixed masking seed so before
 and after are comparable) is printed before and after training.
 
+Speed (issue 13): ``train.precision`` ``auto`` runs the model under bf16 autocast where bf16 is
+native (CUDA) and in fp32 elsewhere, with the loss in fp32; TF32 is allowed and AdamW fused on
+CUDA; a step synchronises with the host once, to fetch its loss and gradient norm.
+
 Output folder::
 
     OUTPUT/checkpoints/ckpt-*/          generic checkpoint (+ text_encoder/: a loadable HF folder)
@@ -28,13 +32,10 @@ from decipher_mr.data.cache import PreparedCache
 from decipher_mr.models.text import load_text_backbone, pad_token_ids, tokenize_reports
 from decipher_mr.storage import atomic_folder, atomic_write_json
 from decipher_mr.train import checkpoint as ckpt
-from decipher_mr.train.distributed import (
-    ResumableDistributedSampler,
-    all_reduce_sum,
-    barrier,
-    run_distributed,
-)
+from decipher_mr.models.vit3d import precision_context, resolve_precision
+from decipher_mr.train.distributed import ResumableDistributedSampler, barrier, run_distributed
 from decipher_mr.train.monitor import TrainingMonitor
+from decipher_mr.train.runtime import adamw_options, configure_math, fetch_metrics
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 
 MLM_DEFAULTS: dict[str, Any] = {
@@ -57,6 +58,8 @@ MLM_DEFAULTS: dict[str, Any] = {
     "val_split": "val",
     "resume": True,
     "progress": True,
+    # precision: "auto" (bf16 autocast where bf16 is native, e.g. CUDA; fp32 elsewhere), "bf16", "fp32"
+    "train": {"precision": "auto"},
 }
 
 
@@ -171,7 +174,9 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}],
-                                  lr=float(cfg["lr"]))
+                                  lr=float(cfg["lr"]), **adamw_options(ctx.device))
+    precision = resolve_precision(ctx.device, {**MLM_DEFAULTS["train"], **(cfg.get("train") or {})}["precision"])
+    configure_math(ctx.device)
     sampler = ResumableDistributedSampler(len(train_ids), seed=int(cfg["seed"]), rank=ctx.rank,
                                           world_size=ctx.world_size)
     ckpt_root = out / "checkpoints"
@@ -201,14 +206,19 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
             apply_to_optimizer(optimizer, **{k: v for k, v in sched.at(it).items() if k in ("lr", "weight_decay")})
             batch = pad_token_ids([train_ids[next(stream)] for _ in range(per_rank)], tokenizer.pad_token_id)
             masked, labels = mask_tokens(batch.input_ids, batch.attention_mask, tokenizer, prob, gen)
-            loss = net(input_ids=masked.to(ctx.device), attention_mask=batch.attention_mask.to(ctx.device),
-                       labels=labels.to(ctx.device)).loss
+            with precision_context(ctx.device, precision):
+                logits = net(input_ids=masked.to(ctx.device, non_blocking=True),
+                             attention_mask=batch.attention_mask.to(ctx.device, non_blocking=True)).logits
+            # the loss in fp32 outside autocast (HF's MLM loss: mean over the chosen tokens)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                     labels.to(ctx.device, non_blocking=True).flatten(), ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            shown = all_reduce_sum(loss.detach().clone()) / ctx.world_size
-            monitor.step(it + 1, {"loss": float(shown), "lr": sched.at(it)["lr"]}, samples=per_rank * ctx.world_size)
+            # the step's one host synchronisation: its scalars, averaged over ranks, fetched together
+            shown = fetch_metrics({"loss": loss, "grad_norm": grad_norm})
+            monitor.step(it + 1, {**shown, "lr": sched.at(it)["lr"]}, samples=per_rank * ctx.world_size)
             done = it + 1
             if done % int(cfg["checkpoint_every"]) == 0 or done == iterations:
                 _checkpoint(ctx, ckpt_root, done, model, optimizer, tokenizer, sampler, arch, ppl_before, cfg)
