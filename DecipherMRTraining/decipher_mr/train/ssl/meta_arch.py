@@ -108,7 +108,8 @@ class SSLMetaArch(nn.Module):
             blk.drop_path_rate = 0.0
         self.teacher.requires_grad_(False)
         self.dino_loss = DINOLoss(heads.dino_prototypes, lc["student_temp"], lc["center_momentum"], lc["centering"])
-        self.ibot_loss = IBOTPatchLoss(heads.ibot_prototypes, lc["student_temp"], lc["center_momentum"], lc["centering"])
+        self.ibot_loss = IBOTPatchLoss(heads.ibot_prototypes, lc["student_temp"], lc["center_momentum"], lc["centering"],
+                                       chunk_rows=lc.get("ibot_chunk_rows"))
         self.koleo_loss = KoLeoLoss()
         # The module DDP wraps (set by the trainer); the bare student otherwise.
         self.student_runner: nn.Module = self.student

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "crops": {},  # MultiCropConfig fields
     "masking": {"ratio": [0.1, 0.5], "sample_probability": 0.5},
     "loss": {"dino_weight": 1.0, "ibot_weight": 1.0, "koleo_weight": 0.1, "student_temp": 0.1,
-             "center_momentum": 0.9, "centering": "centering"},
+             "center_momentum": 0.9, "centering": "centering", "ibot_chunk_rows": 0},
     "optim": {"lr": 5e-4, "min_lr": 1e-6, "warmup_iterations": 1000, "weight_decay": 0.04,
               "weight_decay_end": 0.2, "layer_decay": 0.9, "patch_embed_lr_mult": 0.2, "clip_grad": 3.0,
               "freeze_last_layer_iterations": 1250, "betas": [0.9, 0.999],
@@ -170,7 +170,8 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
     arch = SSLMetaArch(enc_cfg, heads, cfg["loss"]).to(ctx.device)
     groups = arch.param_groups(oc["layer_decay"], oc.get("patch_embed_lr_mult", 1.0))
     freeze_last_layer = int(oc.get("freeze_last_layer_iterations") or 0)
-    opt = torch.optim.AdamW(groups, lr=oc["lr"], betas=tuple(oc["betas"]))
+    # Fused AdamW on CUDA (one kernel for all parameters); the default (foreach) elsewhere.
+    opt = torch.optim.AdamW(groups, lr=oc["lr"], betas=tuple(oc["betas"]), fused=True if ctx.device.type == "cuda" else None)
     schedules = TrainingSchedules.build(
         iterations, oc["lr"], oc["min_lr"], oc["warmup_iterations"], oc["weight_decay"], oc["weight_decay_end"],
         oc["teacher_momentum"], oc["teacher_momentum_end"], oc["teacher_temp"], oc["warmup_teacher_temp"],
