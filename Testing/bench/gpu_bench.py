@@ -1,0 +1,752 @@
+"""GPU benchmark (issue 13, "Measured"): stage-1 MFU, stage-2 step time and encoder latency on one GPU.
+
+One run on one GPU (H100/H200), in under 8 minutes, with a random-weight ViT-B:
+
+1. **Stage 1** in a child started by ``torchrun --nproc_per_node=1`` (``python -m torch.distributed.run``)
+   with a real NCCL process group (made by this script: with ``WORLD_SIZE=1`` the trainer's
+   ``init_distributed`` makes none, so a plain single-process run would never touch NCCL). The student is
+   wrapped in DDP as the trainer does for several ranks, and each step is the trainer's step (bf16
+   autocast, ``SSLMetaArch.training_loss``, per-part clipping, AdamW, EMA teacher, ``all_reduce_floats``).
+   Reported: volumes/s and MFU against the GPU's bf16 peak **measured in the same process** (an
+   8192^3 bf16 GEMM timed with CUDA events). Then the real ``train()`` runs a few iterations of the demo
+   config (vit-tiny) inside the same NCCL group: DataLoader, collectives, checkpoint, barrier, export.
+2. **Stage 2** in the same child, same group: ``clip_step`` (GradCache chunks), ``average_gradients``,
+   clipping, AdamW, ``all_reduce_mean`` on ViT-B 256x256x24 views, and a MiniLM-shaped BERT (6 layers,
+   384-d, random weights; the packaged MiniLM is not on the GPU machine) with its last 2 blocks trained.
+3. **Encoder latency** in the parent (after the child has exited): ViT-B on one 256x256x24 volume,
+   fp32 and bf16, against a baseline ViT of the same size in the same run: MONAI's ``ViT`` when
+   ``monai`` imports, else ``RefViT`` below -- plain PyTorch with MONAI's parameter layout and MONAI's
+   attention arithmetic (einsum + softmax, no SDPA); ``Testing/python/test_gpu_bench.py`` checks that
+   it computes exactly what MONAI's ``ViT`` computes on the same weights.
+
+Data: the real demo corpus needs SimpleITK/nibabel/nilearn and the MRI template packages, none of
+which are on the GPU machine, so the script writes a small prepared cache itself (``index.jsonl`` +
+``items/*.npy``, the format ``decipher-mr prepare`` writes) of synthetic head-like volumes (ellipsoidal
+skull/CSF/grey/white-matter shells, smooth bias field, Rician-like noise, z-scored), 256x256x32 at
+0.9x0.9x5 mm, with short reports for stage 2; ``--cache DIR`` uses a real prepared cache instead.
+
+Goals printed next to the figures: stage 1 at >= 40 % MFU; encoder >= 3x the baseline in bf16.
+Figures go to ``$OUT/gpu_bench.json`` (or ``--out``) and a table is printed. Exit status 1 if a
+part crashed (figures below a goal do not fail the run).
+
+    bash Testing/bench/gpu_bench.sh                              # on the GPU machine
+    .venv/bin/python Testing/bench/gpu_bench.py --cpu-smoke      # seconds, CPU, gloo: figures meaningless
+
+Imports only torch, numpy, safetensors, transformers (tokenizer + BERT) and ``decipher_mr``, none of whose
+modules used here import monai, SimpleITK, nibabel or faiss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "DecipherMRTraining"))
+
+GOAL_MFU = 0.40
+GOAL_ENCODER_SPEEDUP = 3.0
+RESULT_NAME = "gpu_bench.json"
+
+# Settings per mode. "gpu": the paper's ViT-B stage-1 crops, align-base's view; "cpu": tiny, seconds.
+MODES: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "cache_items": 16, "cache_shape": (256, 256, 32), "cache_spacing": (0.9, 0.9, 5.0),
+        "s1_encoder": "vit-base", "s1_prototypes": 65536, "s1_head_hidden": 2048, "s1_bottleneck": 256,
+        "s1_global": (256, 256, 24), "s1_local": (128, 128, 16), "s1_n_local": 8, "s1_batch": 8,
+        "s1_warmup": 3, "s1_steps": 20, "s1_workers": 8,
+        "s2_encoder": "vit-base", "s2_size": (256, 256, 24), "s2_batch": 32, "s2_chunks": 4,
+        "s2_text": {"hidden": 384, "layers": 6, "heads": 12}, "s2_text_trainable": 2, "s2_warmup": 1, "s2_steps": 5,
+        "enc_preset": "vit-base", "enc_size": (256, 256, 24), "enc_reps": 20, "enc_warmup": 3,
+        "gemm_n": 8192, "gemm_reps": 10, "trainer_iterations": 3, "align_iterations": 2,
+    },
+    "cpu": {
+        "cache_items": 6, "cache_shape": (48, 48, 16), "cache_spacing": (2.0, 2.0, 4.0),
+        "s1_encoder": "vit-micro", "s1_prototypes": 64, "s1_head_hidden": 64, "s1_bottleneck": 32,
+        "s1_global": (32, 32, 16), "s1_local": (16, 16, 8), "s1_n_local": 2, "s1_batch": 2,
+        "s1_warmup": 1, "s1_steps": 2, "s1_workers": 0,
+        "s2_encoder": "vit-micro", "s2_size": (32, 32, 16), "s2_batch": 4, "s2_chunks": 2,
+        "s2_text": {"hidden": 32, "layers": 2, "heads": 2}, "s2_text_trainable": 1, "s2_warmup": 1, "s2_steps": 1,
+        "enc_preset": "vit-micro", "enc_size": (32, 32, 16), "enc_reps": 2, "enc_warmup": 1,
+        "gemm_n": 256, "gemm_reps": 2, "trainer_iterations": 2, "align_iterations": 2,
+    },
+}
+
+BLOCKED_ON_GPU_MACHINE = ("monai", "SimpleITK", "nibabel", "faiss")
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def bf16_gemm_peak(device: torch.device, n: int, reps: int) -> dict[str, Any]:
+    """TFLOP/s of an n x n x n bf16 matrix product (mean of ``reps`` after 3 warm-ups)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = time_calls(lambda: a @ b, reps, 3, device)
+    mean = statistics.fmean(times)
+    return {"tflops": 2 * n**3 / mean / 1e12, "n": n, "reps": reps, "mean_ms": mean * 1e3}
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic prepared cache (the demo corpus needs SimpleITK/nibabel/nilearn: not on the GPU machine)
+
+PLACES = ["left frontal lobe", "right parietal lobe", "left temporal lobe", "right occipital lobe", "cerebellum",
+          "left basal ganglia", "right centrum semiovale", "corpus callosum"]
+WORDS = ("no acute intracranial abnormality . mild periventricular white matter hyperintensity small focal lesion "
+         "in the measuring mm with surrounding oedema no mass effect midline shift ventricles normal size "
+         "findings impression t1 t2 flair weighted axial images of brain were obtained enhancement after contrast "
+         "chronic microvascular change lacunar infarct restricted diffusion haemorrhage normal study").split()
+
+
+def synthetic_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    """A head-like MR volume: nested ellipsoids (skull, CSF, grey, white matter, ventricles), a lesion,
+    a smooth multiplicative bias field and noise, z-scored inside the head; float32."""
+    axes = [(np.arange(s) - (s - 1) / 2) * sp for s, sp in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    half = np.array([s * sp / 2 for s, sp in zip(shape, spacing)]) * rng.uniform(0.78, 0.9, 3)
+    r = np.sqrt((x / half[0]) ** 2 + (y / half[1]) ** 2 + (z / max(half[2], 1e-3)) ** 2)
+    vol = np.zeros(shape, np.float32)
+    for radius, value in ((1.0, 0.35), (0.93, 0.15), (0.88, 0.62), (0.70, 0.85)):  # skull, CSF, GM, WM
+        vol[r <= radius] = value
+    vent = np.sqrt((np.abs(x) / (0.12 * half[0]) - 1.2) ** 2 + (y / (0.35 * half[1])) ** 2 + (z / (0.5 * half[2] + 1e-3)) ** 2)
+    vol[vent <= 1.0] = 0.15
+    c = rng.uniform(-0.4, 0.4, 3) * half
+    lesion = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) <= rng.uniform(4, 10) ** 2
+    vol[lesion & (r < 0.85)] = rng.choice([0.3, 1.0])
+    bias = 1 + 0.15 * np.sin(x / half[0] * rng.uniform(1, 2)) * np.cos(y / half[1] * rng.uniform(1, 2))
+    vol = vol * bias + rng.normal(0, 0.03, shape)
+    vol = np.abs(vol).astype(np.float32)
+    inside = r <= 1.0
+    m, s = vol[inside].mean(), vol[inside].std() + 1e-6
+    return ((vol - m) / s).astype(np.float32)
+
+
+def synthetic_report(rng: np.random.Generator) -> str:
+    place = PLACES[int(rng.integers(len(PLACES)))]
+    size = int(rng.choice([4, 8, 12, 16]))
+    extra = " ".join(WORDS[int(i)] for i in rng.integers(len(WORDS), size=int(rng.integers(20, 120))))
+    return (f"TECHNIQUE: axial T1 and T2 weighted images. FINDINGS: a {size} mm lesion in the {place}. {extra}. "
+            f"IMPRESSION: focal lesion in the {place}.")
+
+
+def build_synthetic_cache(root: Path, n: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                          seed: int = 0) -> Path:
+    """A prepared cache (cache.json, index.jsonl, items/*.npy) of ``n`` synthetic brain volumes with reports."""
+    items = root / "items"
+    items.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        item_id = f"synth{i:03d}"
+        np.save(items / f"{item_id}.npy", synthetic_volume(shape, spacing, rng))
+        rows.append({"id": item_id, "array": f"items/{item_id}.npy", "shape": list(shape), "spacing": list(spacing),
+                     "body_region": "brain", "sequence": ["T1", "T2"][i % 2], "split": "train",
+                     "study_id": f"study{i:03d}", "report": synthetic_report(rng)})
+    (root / "cache.json").write_text(json.dumps({"format": 1, "preprocess": {"synthetic": True}}))
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def write_tokenizer_folder(folder: Path, reports: list[str]) -> Path:
+    """A WordPiece vocabulary (BERT special tokens, characters, the reports' words) for a random BERT:
+    the packaged MiniLM tokenizer is not on the GPU machine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for r in reports for w in r.lower().replace(".", " . ").replace(":", " : ").replace(",", " , ").split()})
+    chars = sorted({c for r in reports for c in r.lower() if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "..."] + chars + [f"##{c}" for c in chars] + words
+    seen: dict[str, None] = {}
+    for v in vocab:
+        seen.setdefault(v, None)
+    (folder / "vocab.txt").write_text("\n".join(seen) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# the baseline encoder when MONAI is not installed
+
+class _RefAttention(nn.Module):
+    """MONAI's ``SABlock`` arithmetic: one qkv Linear (no bias), einsum scores, softmax, einsum (no SDPA)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = (torch.einsum("blxd,blyd->blxy", q, k) * self.scale).softmax(dim=-1)
+        o = torch.einsum("bhxy,bhyd->bhxd", att, v)
+        return self.out_proj(o.permute(0, 2, 1, 3).reshape(B, N, D))
+
+
+class _RefMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class _RefBlock(nn.Module):
+    def __init__(self, dim: int, mlp_dim: int, heads: int):
+        super().__init__()
+        self.mlp = _RefMlp(dim, mlp_dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _RefAttention(dim, heads)
+        self.norm_cross_attn = nn.LayerNorm(dim)  # present (unused) in MONAI's TransformerBlock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _RefPatchEmbedding(nn.Module):
+    def __init__(self, in_ch: int, dim: int, img_size, patch):
+        super().__init__()
+        n = math.prod(s // p for s, p in zip(img_size, patch))
+        self.patch_embeddings = nn.Conv3d(in_ch, dim, kernel_size=patch, stride=patch)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, n, dim))
+        nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embeddings(x).flatten(2).transpose(-1, -2) + self.position_embeddings
+
+
+class RefViT(nn.Module):
+    """MONAI ``ViT(classification=False, proj_type="conv", qkv_bias=False)`` in plain PyTorch: the same
+    parameter names and shapes (its state dict loads), the same arithmetic; returns ``(x, hidden_states)``."""
+
+    def __init__(self, in_channels: int, img_size, patch_size, hidden_size: int, mlp_dim: int, num_layers: int,
+                 num_heads: int):
+        super().__init__()
+        self.patch_embedding = _RefPatchEmbedding(in_channels, hidden_size, img_size, patch_size)
+        self.blocks = nn.ModuleList(_RefBlock(hidden_size, mlp_dim, num_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor):
+        x = self.patch_embedding(x)
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x)
+            hidden.append(x)
+        return self.norm(x), hidden
+
+
+def baseline_vit(size, enc_cfg, prefer_monai: bool = True) -> tuple[nn.Module, str, str | None]:
+    """MONAI's ViT of the encoder's size if monai imports, else RefViT; returns (model, name, why-not-monai)."""
+    kw = dict(in_channels=1, img_size=tuple(size), patch_size=tuple(enc_cfg.patch_size), hidden_size=enc_cfg.embed_dim,
+              mlp_dim=enc_cfg.mlp_dim, num_layers=enc_cfg.depth, num_heads=enc_cfg.num_heads)
+    why = "not tried (--no-monai)"
+    if prefer_monai:
+        try:
+            import monai
+            from monai.networks.nets import ViT
+
+            return ViT(classification=False, **kw), f"monai.networks.nets.ViT (monai {monai.__version__})", None
+        except Exception as exc:  # not installed on the GPU machine
+            why = f"{type(exc).__name__}: {exc}"
+    return RefViT(**kw), "RefViT: plain-PyTorch MONAI ViT (einsum attention, SDPA off)", why
+
+
+# ---------------------------------------------------------------------------------------------
+# the torchrun child: stage 1 and stage 2 inside a real process group
+
+class _OneSample:
+    """collate_fn of a batch_size=1 loader over (item, key) pairs: the dataset's sample itself (picklable)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __call__(self, keys):
+        return self.ds[keys[0]]
+
+
+def head_flops(heads, embed_dim: int, n: int) -> float:
+    dims = [embed_dim] + [heads.hidden_dim] * (heads.layers - 1) + [heads.bottleneck_dim]
+    macs = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + heads.bottleneck_dim * heads.dino_prototypes
+    return 2.0 * n * macs
+
+
+def stage1(cfg: dict[str, Any], cache_dir: Path, device: torch.device, peak_tflops: float) -> dict[str, Any]:
+    from decipher_mr.data.cache import PreparedCache
+    from decipher_mr.models.vit3d import precision_context, resolve_precision, vision_config
+    from decipher_mr.train.distributed import all_reduce_floats
+    from decipher_mr.train.ssl.masking import BlockMaskConfig
+    from decipher_mr.train.ssl.meta_arch import HeadConfig, SSLMetaArch
+    from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset, collate_multicrop
+
+    import torch.distributed as dist
+
+    b = cfg["s1_batch"]
+    crops = MultiCropConfig(global_size=cfg["s1_global"], local_size=cfg["s1_local"], n_local=cfg["s1_n_local"])
+    enc_cfg = vision_config(cfg["s1_encoder"], drop_path_rate=0.1 if cfg["s1_encoder"] == "vit-base" else 0.0)
+    ds = MultiCropDataset(PreparedCache(cache_dir), None, crops, BlockMaskConfig(), enc_cfg.patch_size, seed=0)
+    # Loader throughput: samples (each 2 global + n_local crops, masks) from ``workers`` processes, timed
+    # from the iterator's creation to the last of 3 per worker (worker start-up included: conservative).
+    workers = min(cfg["s1_workers"], max(0, (os.cpu_count() or 2) - 2))
+    n_samples = max(2 * b, 3 * max(workers, 1))
+    keys = [(i % len(ds), i) for i in range(n_samples)]
+    loader = torch.utils.data.DataLoader(keys, batch_size=1, num_workers=workers, collate_fn=_OneSample(ds),
+                                         prefetch_factor=2 if workers else None)
+    t0 = time.perf_counter()
+    samples = list(loader)
+    loader_s = (time.perf_counter() - t0) / n_samples  # seconds per sample
+    del loader
+    batches = [{k: v.to(device, non_blocking=True) for k, v in collate_multicrop(samples[i * b:(i + 1) * b]).items()}
+               for i in range(2)]
+    del samples
+
+    torch.manual_seed(0)
+    heads = HeadConfig(cfg["s1_prototypes"], cfg["s1_prototypes"], cfg["s1_head_hidden"], cfg["s1_bottleneck"], 3)
+    arch = SSLMetaArch(enc_cfg, heads, {"center_momentum": 0.9}).to(device)
+    ddp = dist.is_initialized()
+    if ddp:  # as the trainer does under torchrun with several ranks
+        arch.student_runner = torch.nn.parallel.DistributedDataParallel(
+            arch.student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    opt = torch.optim.AdamW(arch.param_groups(0.9, 0.2), lr=1e-4, betas=(0.9, 0.999))
+    arch.train()
+    arch.teacher.eval()
+    losses: list[float] = []
+    precision = resolve_precision(device, "auto")  # the trainer's default: bf16 on a GPU, fp32 on an AVX2 CPU
+
+    def step(batch):
+        with precision_context(device, precision):
+            loss, metrics = arch.training_loss(batch, 0.04)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        arch.clip_gradients(3.0)
+        opt.step()
+        arch.update_teacher(0.996)
+        losses.append(all_reduce_floats([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])[0])
+
+    n = 0
+
+    def next_step():
+        nonlocal n
+        step(batches[n % len(batches)])
+        n += 1
+
+    for _ in range(cfg["s1_warmup"]):
+        next_step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["s1_steps"]):
+        next_step()
+    sync(device)
+    step_s = (time.perf_counter() - t0) / cfg["s1_steps"]
+
+    enc = arch.student.backbone
+    d = enc_cfg.embed_dim
+    n_masked = statistics.fmean(float(bt["masks"].sum()) for bt in batches)
+    student = (enc.flops(crops.global_size, 2 * b) + enc.flops(crops.local_size, crops.n_local * b)
+               + head_flops(heads, d, (2 + crops.n_local) * b) + head_flops(heads, d, n_masked))
+    teacher = enc.flops(crops.global_size, 2 * b) + head_flops(heads, d, 2 * b) + head_flops(heads, d, n_masked)
+    step_flops = 3 * student + teacher  # backward ~ 2x forward
+    tflops = step_flops / step_s / 1e12
+    return {
+        "encoder": cfg["s1_encoder"], "batch_per_gpu": b, "global_size": list(crops.global_size),
+        "local_size": list(crops.local_size), "n_local": crops.n_local, "precision": precision, "ddp": ddp,
+        "prototypes": heads.dino_prototypes, "steps_timed": cfg["s1_steps"], "step_s": step_s,
+        "volumes_per_s": b / step_s, "images_per_s": b / step_s, "step_tflop": step_flops / 1e12, "tflops": tflops,
+        "mfu": tflops / peak_tflops, "goal_mfu": GOAL_MFU, "meets_goal": tflops / peak_tflops >= GOAL_MFU,
+        "flops_counted": "encoder (analytic, attention included) + DINO/iBOT heads; backward = 2x forward",
+        "loader_volumes_per_s": 1 / loader_s, "loader_workers": workers,
+        "loader_keeps_up": (1 / loader_s) >= (b / step_s),
+        "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "losses": losses, "finite": all(math.isfinite(x) for x in losses),
+    }
+
+
+def stage1_fitting(cfg: dict[str, Any], cache_dir: Path, device: torch.device, peak_tflops: float) -> dict[str, Any]:
+    """stage1 at the mode's batch; on a CUDA out-of-memory error, again at half the batch (once)."""
+    try:
+        return stage1(cfg, cache_dir, device, peak_tflops)
+    except torch.cuda.OutOfMemoryError as exc:
+        if device.type != "cuda" or cfg["s1_batch"] < 2:
+            raise
+        print(f"stage 1: out of memory at batch {cfg['s1_batch']} ({exc}); retrying at {cfg['s1_batch'] // 2}", flush=True)
+        torch.cuda.empty_cache()
+        res = stage1({**cfg, "s1_batch": cfg["s1_batch"] // 2}, cache_dir, device, peak_tflops)
+        res["oom_at_batch"] = cfg["s1_batch"]
+        return res
+
+
+def stage2(cfg: dict[str, Any], cache_dir: Path, device: torch.device, tok_dir: Path) -> dict[str, Any]:
+    from decipher_mr.data.cache import PreparedCache
+    from decipher_mr.models.clip import ImageTextModel, tower_is_frozen
+    from decipher_mr.models.text import TextTower
+    from decipher_mr.models.vit3d import build_vision_encoder, precision_context
+    from decipher_mr.train.align import TextSide, average_gradients, clip_step, image_batch, param_groups
+    from decipher_mr.train.clip_loss import ClipLoss
+    from decipher_mr.train.distributed import all_reduce_mean
+
+    cache = PreparedCache(cache_dir)
+    b, chunks = cfg["s2_batch"], cfg["s2_chunks"]
+    torch.manual_seed(0)
+    text_spec = {"path": str(tok_dir), "tiny": True, **cfg["s2_text"]}
+    model = ImageTextModel(build_vision_encoder(cfg["s2_encoder"]), TextTower.from_spec(text_spec)).to(device)
+    model.set_trainable("all", cfg["s2_text_trainable"])
+    idx = [i % len(cache) for i in range(b)]
+    text = TextSide(model, [cache.items[i].report or "" for i in range(len(cache))], device,
+                    precompute=tower_is_frozen(model.text))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    model.train()
+    model.set_frozen_towers_eval()
+    loss_fn = ClipLoss()
+    view = {"size": list(cfg["s2_size"]), "mode": "crop", "augment": True}
+    images = [image_batch(cache, idx, view, np.random.default_rng(s)).to(device) for s in range(2)]
+    res: dict[str, Any] = {
+        "encoder": cfg["s2_encoder"], "image_size": list(cfg["s2_size"]), "batch_per_gpu": b, "chunks": chunks,
+        "text": f"random BERT {cfg['s2_text']} (MiniLM-shaped on GPU), last {cfg['s2_text_trainable']} block(s) trained",
+        "text_precomputed": text.pooled is not None, "steps_timed": cfg["s2_steps"], "losses": []}
+    # fp32 is what train_align runs (it has no autocast); bf16 autocast is timed for comparison.
+    for prec in ("fp32", "bf16"):
+        n = 0
+
+        def step():
+            nonlocal n
+            opt.zero_grad(set_to_none=True)
+            with precision_context(device, prec):
+                loss, _, _ = clip_step(model, loss_fn, images[n % 2], text, idx, chunks)
+            average_gradients(model)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            model.clamp_logit_scale_()
+            res["losses"].append(float(all_reduce_mean(loss.clone())))
+            n += 1
+
+        for _ in range(cfg["s2_warmup"]):
+            step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg["s2_steps"]):
+            step()
+        sync(device)
+        step_s = (time.perf_counter() - t0) / cfg["s2_steps"]
+        res[f"step_s_{prec}"] = step_s
+        res[f"pairs_per_s_{prec}"] = b / step_s
+    res["step_s"], res["pairs_per_s"] = res["step_s_fp32"], res["pairs_per_s_fp32"]
+    res["step_precision"] = "fp32, as train_align runs (no autocast there); step_s_bf16 = the same step under bf16 autocast"
+    res["finite"] = all(math.isfinite(x) for x in res["losses"])
+    return res
+
+
+def trainer_smoke(cfg: dict[str, Any], cache_dir: Path, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """The real stage-1 ``train()`` (demo config, vit-tiny) for a few iterations inside the process group."""
+    from decipher_mr.train.ssl.trainer import load_config, train
+
+    crops = (["crops.global_size=[64,64,16]", "crops.local_size=[32,32,8]", "crops.n_local=4"] if device.type == "cuda"
+             else ["crops.global_size=[32,32,16]", "crops.local_size=[16,16,8]", "crops.n_local=2",
+                   "model.encoder=vit-micro", "train.batch_size=2"])
+    conf = load_config(REPO / "DecipherMRTraining" / "configs" / "vit-small-demo.json", [
+        f"data.cache={cache_dir}", f"run_dir={run_dir}", f"device={device.type}", "data.num_workers=0",
+        f"train.iterations={cfg['trainer_iterations']}", "train.checkpoint_every=1", "train.progress=false",
+        "train.tensorboard=false", "train.monitor_every=1", *crops])
+    summary = train(conf)
+    return {"ok": True, "world_size_seen_by_trainer": summary["world_size"], "iterations": summary["end"],
+            "losses": summary["losses"], "encoder_exported": bool(summary["encoder"]), "precision": summary["precision"]}
+
+
+def align_smoke(cfg: dict[str, Any], cache_dir: Path, run_dir: Path, device: torch.device, tok_dir: Path) -> dict[str, Any]:
+    """The real stage-2 ``train_align()`` (vit-micro, tiny BERT) for a few iterations inside the process group."""
+    from decipher_mr.train.align import ALIGN_DEFAULTS, train_align
+    from decipher_mr.train.run_config import load_run_config
+
+    conf = load_run_config(None, ALIGN_DEFAULTS, [
+        f"cache={cache_dir}", f"output={run_dir}", f"device={device.type}", f"iterations={cfg['align_iterations']}",
+        "batch_size=4", "chunks=2", "image.size=[32,32,16]", "progress=false", "checkpoint_every=1"])
+    conf["text"] = {"path": str(tok_dir), "tiny": True, "hidden": 32, "layers": 2, "heads": 2, "max_length": 128}
+    summary = train_align(conf)
+    return {"ok": True, "iterations": summary["iterations"], "final_loss": summary["final_loss"]}
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Runs under torchrun: a real process group (NCCL on CUDA, gloo on CPU), then stage 1 and stage 2."""
+    import torch.distributed as dist
+
+    from decipher_mr.train.distributed import init_distributed, shutdown_distributed
+
+    cfg = MODES["cpu" if args.cpu_smoke else "gpu"]
+    out: dict[str, Any] = {"errors": {}}
+    cuda = not args.cpu_smoke
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+
+    def init_group() -> None:
+        if cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        init_distributed(device.type)  # records the training device for the collective helpers
+
+    init_group()
+    out["process_group"] = {
+        "initialized": dist.is_initialized(), "backend": str(dist.get_backend()), "world_size": dist.get_world_size(),
+        "rank": dist.get_rank(), "torchrun": "TORCHELASTIC_RUN_ID" in os.environ, "local_rank": local_rank,
+        "pid": os.getpid(), "device": str(device),
+    }
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe)  # the group really works
+    out["process_group"]["all_reduce_ok"] = float(probe) == dist.get_world_size()
+    peak = bf16_gemm_peak(device, cfg["gemm_n"], cfg["gemm_reps"])
+    out["peak_bf16"] = peak
+    cache_dir, work = Path(args.cache), Path(args.work)
+    tok_dir = Path(args.tokenizer)
+    out["phase_s"] = {}
+    for name, fn in (("stage1", lambda: stage1_fitting(cfg, cache_dir, device, peak["tflops"])),
+                     ("stage2", lambda: stage2(cfg, cache_dir, device, tok_dir))):
+        t_phase = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"
+        out["phase_s"][name] = time.perf_counter() - t_phase
+        if cuda:
+            torch.cuda.empty_cache()
+    # The real training loops inside the group; each ends with shutdown_distributed() (destroys the group).
+    for name, fn in (("trainer_smoke", lambda: trainer_smoke(cfg, cache_dir, work / "stage1-run", device)),
+                     ("align_smoke", lambda: align_smoke(cfg, cache_dir, work / "align-run", device, tok_dir))):
+        t_phase = time.perf_counter()
+        if not dist.is_initialized():
+            init_group()
+        out[name] = {"ok": False, "backend": str(dist.get_backend())}
+        try:
+            out[name] = {**out[name], **fn()}
+        except Exception as exc:
+            traceback.print_exc()
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"
+        out["phase_s"][name] = time.perf_counter() - t_phase
+    shutdown_distributed()
+    # None of these may be imported by the decipher_mr code a GPU run uses (they are not installed there).
+    out["blocked_modules_loaded"] = sorted(m for m in BLOCKED_ON_GPU_MACHINE if m in sys.modules)
+    Path(args.result).write_text(json.dumps(out, indent=1))
+    return 1 if out["errors"] else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: cache, torchrun child, encoder latency, table and JSON
+
+def encoder_latency(cfg: dict[str, Any], device: torch.device, prefer_monai: bool) -> dict[str, Any]:
+    from decipher_mr.models.vit3d import build_vision_encoder, precision_context
+
+    size = tuple(cfg["enc_size"])
+    torch.manual_seed(0)
+    ours = build_vision_encoder(cfg["enc_preset"]).to(device).eval()
+    base, base_name, why = baseline_vit(size, ours.config, prefer_monai)
+    base = base.to(device).eval()
+    x = torch.randn(1, 1, *size, device=device)
+    res: dict[str, Any] = {"input": [1, 1, *size], "encoder": cfg["enc_preset"], "baseline": base_name,
+                           "monai_available": why is None, "monai_missing_reason": why,
+                           "params_ours_m": sum(p.numel() for p in ours.parameters()) / 1e6,
+                           "params_baseline_m": sum(p.numel() for p in base.parameters()) / 1e6,
+                           "gflop": ours.flops(size) / 1e9, "reps": cfg["enc_reps"], "tf32": torch.backends.cuda.matmul.allow_tf32}
+    with torch.inference_mode():
+        # Each model in its own block, after its own warm-up (see bench_encoder.py).
+        for label, model in (("ours", ours), ("baseline", base)):
+            for prec in ("fp32", "bf16"):
+                with precision_context(device, prec):
+                    t = time_calls(lambda: model(x), cfg["enc_reps"], cfg["enc_warmup"], device)
+                res[f"{label}_{prec}_ms"] = statistics.median(t) * 1e3
+        ref = ours(x).patch_tokens.float()
+        with precision_context(device, "bf16"):
+            low = ours(x).patch_tokens.float()
+    res["cosine_ours_bf16_fp32"] = F.cosine_similarity(low.flatten(), ref.flatten(), dim=0).item()
+    res["speedup_bf16"] = res["baseline_bf16_ms"] / res["ours_bf16_ms"]
+    res["speedup_ours_bf16_vs_baseline_fp32"] = res["baseline_fp32_ms"] / res["ours_bf16_ms"]
+    res["speedup_fp32"] = res["baseline_fp32_ms"] / res["ours_fp32_ms"]
+    res["goal_speedup_bf16"] = GOAL_ENCODER_SPEEDUP
+    res["meets_goal"] = res["speedup_bf16"] >= GOAL_ENCODER_SPEEDUP
+    res["tflops_ours_bf16"] = ours.flops(size) / (res["ours_bf16_ms"] / 1e3) / 1e12
+    return res
+
+
+def run_child(args: argparse.Namespace, cache_dir: Path, work: Path, tok_dir: Path, timeout_s: float) -> tuple[dict, int, list[str]]:
+    result = work / "child.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(Path(__file__).resolve()), "--worker", "--cache", str(cache_dir), "--work", str(work),
+           "--tokenizer", str(tok_dir), "--result", str(result)] + (["--cpu-smoke"] if args.cpu_smoke else [])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "DecipherMRTraining"), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "2" if args.cpu_smoke else "8")
+    env["PYTHONUNBUFFERED"] = "1"
+    print("+ " + " ".join(cmd[:6]) + " ... --worker", flush=True)
+    try:
+        rc = subprocess.run(cmd, env=env, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+    data = json.loads(result.read_text()) if result.exists() else {"errors": {"torchrun": f"child exited {rc} without a result"}}
+    return data, rc, ["torchrun", "--standalone", "--nproc_per_node=1", "Testing/bench/gpu_bench.py", "--worker"]
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    return "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+
+
+def print_table(r: dict[str, Any]) -> None:
+    s1, s2, enc = r.get("stage1") or {}, r.get("stage2") or {}, r.get("encoder") or {}
+    peak = (r.get("peak_bf16") or {}).get("tflops")
+    rows = [
+        ("bf16 GEMM peak (measured)", f"{fmt(peak, '.1f')} TFLOP/s", f"n={fmt((r.get('peak_bf16') or {}).get('n'))}", ""),
+        ("stage 1 step", f"{fmt(s1.get('step_s'), '.3f')} s", f"{fmt(s1.get('volumes_per_s'), '.2f')} volumes/s, batch {fmt(s1.get('batch_per_gpu'))}", ""),
+        ("stage 1 MFU", f"{fmt(s1.get('mfu'), '.1%')}", f"{fmt(s1.get('tflops'), '.1f')} TFLOP/s", f"goal >= {GOAL_MFU:.0%}: {_ok(s1.get('meets_goal'))}"),
+        ("stage 1 loader", f"{fmt(s1.get('loader_volumes_per_s'), '.2f')} volumes/s", f"{fmt(s1.get('loader_workers'))} workers", f"keeps up: {_ok(s1.get('loader_keeps_up'))}"),
+        ("stage 2 step", f"{fmt(s2.get('step_s'), '.3f')} s", f"{fmt(s2.get('pairs_per_s'), '.2f')} pairs/s, batch {fmt(s2.get('batch_per_gpu'))} in {fmt(s2.get('chunks'))} chunks", ""),
+        ("encoder ours bf16", f"{fmt(enc.get('ours_bf16_ms'), '.2f')} ms", f"fp32 {fmt(enc.get('ours_fp32_ms'), '.2f')} ms", f"cos(bf16,fp32) {fmt(enc.get('cosine_ours_bf16_fp32'), '.5f')}"),
+        ("encoder baseline bf16", f"{fmt(enc.get('baseline_bf16_ms'), '.2f')} ms", f"fp32 {fmt(enc.get('baseline_fp32_ms'), '.2f')} ms", str(enc.get("baseline", "-"))),
+        ("encoder speed-up bf16", f"{fmt(enc.get('speedup_bf16'), '.2f')}x", f"vs baseline fp32 {fmt(enc.get('speedup_ours_bf16_vs_baseline_fp32'), '.2f')}x",
+         f"goal >= {GOAL_ENCODER_SPEEDUP:.0f}x: {_ok(enc.get('meets_goal'))}"),
+        ("torchrun process group", str((r.get("process_group") or {}).get("backend", "-")),
+         f"world {fmt((r.get('process_group') or {}).get('world_size'))}, all_reduce ok {_ok((r.get('process_group') or {}).get('all_reduce_ok'))}",
+         f"trainer {_ok((r.get('trainer_smoke') or {}).get('ok'))}, align {_ok((r.get('align_smoke') or {}).get('ok'))}"),
+    ]
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"\n== gpu_bench ({r['mode']}) on {r['device_name']}, torch {r['torch']}" +
+          ("   [CPU smoke: figures are meaningless]" if r["mode"] == "cpu-smoke" else ""))
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip())
+    if enc and not enc.get("monai_available"):
+        print(f"  MONAI not installed here ({enc.get('monai_missing_reason')}): MONAI comparison skipped, "
+              f"baseline = {enc.get('baseline')}")
+    for k, v in (r.get("errors") or {}).items():
+        print(f"  ERROR {k}: {v}")
+
+
+def _ok(v: Any) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, gloo on the CPU (tests): figures meaningless")
+    ap.add_argument("--out", help="folder for gpu_bench.json (default: $OUT, else ./gpu-bench-out)")
+    ap.add_argument("--cache", help="a prepared cache to use instead of the synthetic one")
+    ap.add_argument("--no-monai", action="store_true", help="use RefViT as the baseline even if monai imports")
+    ap.add_argument("--child-timeout", type=float, default=300.0, help="seconds for the torchrun child (stage 1 + 2)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    t_start = time.perf_counter()
+    mode = "cpu" if args.cpu_smoke else "gpu"
+    cfg = MODES[mode]
+    if mode == "gpu" and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device (use --cpu-smoke on a CPU)", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or os.environ.get("OUT") or "gpu-bench-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.cpu_smoke:
+        torch.set_num_threads(2)
+    tmp = tempfile.TemporaryDirectory(prefix="gpu_bench_")
+    work = Path(tmp.name)
+    t0 = time.perf_counter()
+    if args.cache:
+        cache_dir = Path(args.cache)
+        cache_note = f"prepared cache {cache_dir}"
+    else:
+        cache_dir = build_synthetic_cache(work / "cache", cfg["cache_items"], cfg["cache_shape"], cfg["cache_spacing"])
+        cache_note = (f"synthetic: {cfg['cache_items']} head-like volumes {cfg['cache_shape']} at {cfg['cache_spacing']} mm "
+                      "(the demo corpus needs SimpleITK/nibabel/nilearn + MRI templates, absent on the GPU machine)")
+    from decipher_mr.data.cache import PreparedCache
+
+    tok_dir = write_tokenizer_folder(work / "tokenizer", [it.report or "" for it in PreparedCache(cache_dir).items])
+    cache_s = time.perf_counter() - t0
+
+    report: dict[str, Any] = {
+        "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "torch": torch.__version__, "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name(0) if mode == "gpu" else f"CPU ({platform.machine()})",
+        "cuda": torch.version.cuda, "data": cache_note, "cache_build_s": cache_s,
+        "goals": {"stage1_mfu": GOAL_MFU, "encoder_speedup_bf16": GOAL_ENCODER_SPEEDUP}, "errors": {},
+    }
+    t0 = time.perf_counter()
+    child, rc, cmd = run_child(args, cache_dir, work, tok_dir, args.child_timeout)
+    report["phase_s"] = {"cache": cache_s, "torchrun_child": time.perf_counter() - t0, **{f"child/{k}": v for k, v in child.get("phase_s", {}).items()}}
+    report["torchrun_command"] = " ".join(cmd)
+    report["torchrun_exit"] = rc
+    for key in ("process_group", "peak_bf16", "stage1", "stage2", "trainer_smoke", "align_smoke", "blocked_modules_loaded"):
+        report[key] = child.get(key)
+    report["errors"].update(child.get("errors", {}))
+    if rc and not report["errors"]:
+        report["errors"]["torchrun"] = f"child exited {rc}"
+    device = torch.device("cuda", 0) if mode == "gpu" else torch.device("cpu")
+    t0 = time.perf_counter()
+    try:
+        try:
+            report["encoder"] = encoder_latency(cfg, device, prefer_monai=not args.no_monai)
+        except Exception as exc:
+            if args.no_monai or "monai" not in sys.modules:
+                raise
+            traceback.print_exc()  # monai imported but failed (another torch/numpy): fall back to RefViT
+            report["encoder"] = encoder_latency(cfg, device, prefer_monai=False)
+            report["encoder"]["monai_missing_reason"] = f"monai failed: {type(exc).__name__}: {exc}"
+    except Exception as exc:
+        traceback.print_exc()
+        report["encoder"] = None
+        report["errors"]["encoder"] = f"{type(exc).__name__}: {exc}"
+    report["phase_s"]["encoder"] = time.perf_counter() - t0
+    report["elapsed_s"] = time.perf_counter() - t_start
+    path = out_dir / RESULT_NAME
+    path.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"\nfigures: {path}   ({report['elapsed_s']:.0f} s)")
+    tmp.cleanup()
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
