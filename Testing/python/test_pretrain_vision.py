@@ -159,6 +159,22 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     assert ddp_gap <= 10 * noise + 1e-5, (float(ddp_gap), float(noise))
 
 
+def test_one_process_under_torchrun_trains_in_a_process_group(prepared_demo_cache, tmp_path):
+    # `torchrun --nproc_per_node=1` on one GPU must go through NCCL and DDP like a multi-GPU run (a crash
+    # of a collective then shows on the first single-GPU run); plain python makes no group.
+    run_dir = tmp_path / "torchrun-1"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
+                f"data.cache={prepared_demo_cache}", f"run_dir={run_dir}", "device=cpu", *TINY, "train.iterations=2",
+                "train.export_teacher=false"]
+    res = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 process(es), gloo" in res.stdout, res.stdout
+    summary = train(tiny_config(prepared_demo_cache, tmp_path / "plain", "train.iterations=1", "train.export_teacher=false",
+                                "device=cpu"))
+    assert summary["backend"] is None
+
+
 @pytest.fixture(scope="module")
 def short_run(prepared_demo_cache, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("short") / "run"

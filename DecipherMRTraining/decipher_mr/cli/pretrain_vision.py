@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     losses = summary["losses"]
     tail = f", last loss {losses[-1]:.4f}" if losses else ""
-    print(f"trained iterations {summary['start']}..{done} ({summary['precision']}, {summary['world_size']} process(es)){tail}; "
+    print(f"trained iterations {summary['start']}..{done} ({summary['precision']}, {summary['world_size']} process(es), "
+          f"{summary.get('backend') or 'no process group'}){tail}; "
           f"skipped steps {summary['skipped_steps']}; checkpoint {summary['checkpoint']}")
     if summary["encoder"]:
         print(f"teacher encoder exported to {summary['encoder']}")

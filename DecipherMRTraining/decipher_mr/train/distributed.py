@@ -49,11 +49,16 @@ class DistributedContext:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists: several processes, or one process started by torchrun (so that a
+        one-GPU ``torchrun --nproc_per_node=1`` run goes through NCCL and DDP as a multi-GPU run does)."""
+        return self.backend is not None
 
 
 def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistributedContext:
     """Initialise from torchrun's environment variables (or return a single-process context).
+
+    Under torchrun a process group is made even for one process, so the one-GPU run exercises the same
+    collectives (NCCL) and DDP wrapping as the many-GPU run.
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``None`` (CUDA if available). Under torchrun each rank
     uses ``cuda:LOCAL_RANK``.
@@ -71,7 +76,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     else:
         dev = torch.device("cpu")
     _TRAINING_DEVICE = dev
-    if world_size == 1:
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # plain python: no process group
         return DistributedContext(0, 1, 0, dev, None)
     backend = "nccl" if want_cuda else "gloo"
     if not dist.is_initialized():

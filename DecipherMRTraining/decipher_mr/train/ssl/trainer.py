@@ -284,7 +284,8 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
     barrier()
     return {"start": start, "end": it + 1 if losses else start, "losses": losses, "skipped_steps": skipped,
             "stopped_by_signal": stopped_by_signal, "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "encoder": str(exported) if exported else None, "precision": precision, "world_size": ctx.world_size}
+            "encoder": str(exported) if exported else None, "precision": precision, "world_size": ctx.world_size,
+            "backend": ctx.backend}
 
 
 def _checkpoint(ckpt_dir, iteration, modules, opt, arch, enc_cfg, sampler, per_rank, skipped, ctx, tc) -> Path | None:
