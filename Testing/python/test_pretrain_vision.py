@@ -218,7 +218,8 @@ def test_multicrop_views_have_the_configured_sizes_and_depend_only_on_the_key(pr
     from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset, collate_multicrop
 
     cache = PreparedCache(prepared_demo_cache)
-    # The global crop is deeper than any demo volume (at 3 mm): those axes are padded, not upsampled.
+    # The global crop has more slices than any demo volume (at 3 mm): the crop takes the whole depth and is
+    # resampled to 96 slices (crop extents are in mm; see test_crops_geometry.py).
     cfg = MultiCropConfig(global_size=(32, 32, 96), local_size=(16, 16, 8), n_local=3)
     ds = MultiCropDataset(cache, None, cfg, seed=0)
     a, again, other = ds[(0, 17)], ds[(0, 17)], ds[(0, 18)]
