@@ -159,6 +159,55 @@ def test_two_process_ddp_matches_one_process(prepared_demo_cache, tmp_path):
     assert ddp_gap <= 10 * noise + 1e-5, (float(ddp_gap), float(noise))
 
 
+def _torchrun_stage1(run_dir: Path, cache: Path, *more: str, nproc: int = 2, resume: bool = False) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}", "-m", "decipher_mr", "pretrain-vision", "--config", str(CONFIG),
+            f"data.cache={cache}", f"run_dir={run_dir}", "device=cpu", *TINY, *more, *(["--resume"] if resume else [])]
+
+
+def test_a_two_process_run_with_a_killed_process_resumes_to_the_uninterrupted_weights(prepared_demo_cache, tmp_path):
+    # A node that dies takes its processes with it: SIGKILL one rank, the run stops, the same command with
+    # --resume continues from the last checkpoint and ends where an uninterrupted run ends.
+    import psutil
+
+    common = ["train.iterations=1000", "train.checkpoint_every=2", "train.keep_checkpoints=100", "optim.lr=1e-3",
+              "loss.koleo_weight=0", "train.export_teacher=false"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun_stage1(killed, prepared_demo_cache, *common), env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+    try:
+        deadline = time.monotonic() + 240
+        while (latest_checkpoint(killed / "checkpoints") if (killed / "checkpoints").is_dir() else None) is None or \
+                int(latest_checkpoint(killed / "checkpoints").name.split("-")[1]) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, "the 2-process run did not reach a checkpoint"
+            time.sleep(0.1)
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "RANK" in p.environ()}
+        ranks["1"].kill()
+        proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+    assert proc.returncode != 0  # the run did stop
+    stopped = int(latest_checkpoint(killed / "checkpoints").name.split("-")[1])
+    target = stopped + 2
+    res = subprocess.run(_torchrun_stage1(killed, prepared_demo_cache, *common, f"train.stop_at={target}", resume=True),
+                         env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from" in res.stderr and f"trained iterations {stopped}..{target}" in res.stdout, res.stdout
+
+    straight = tmp_path / "straight"
+    res = subprocess.run(_torchrun_stage1(straight, prepared_demo_cache, *common, f"train.stop_at={target}"),
+                         env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wa, wb = weights_of(killed), weights_of(straight)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_one_process_under_torchrun_trains_in_a_process_group(prepared_demo_cache, tmp_path):
     # `torchrun --nproc_per_node=1` on one GPU must go through NCCL and DDP like a multi-GPU run (a crash
     # of a collective then shows on the first single-GPU run); plain python makes no group.
