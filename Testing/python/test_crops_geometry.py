@@ -191,6 +191,21 @@ def test_the_dataset_crops_with_the_items_spacing(series, tmp_path):
     assert views["local"].shape == (2, 1, *LOCAL)
 
 
+def test_stage2_views_have_the_geometry_of_a_stage1_global_crop(series, tmp_path):
+    from decipher_mr.data.cache import PreparedCache
+    from decipher_mr.train.align import image_batch
+
+    arr, spacing = series["brain_sagittal"]
+    (tmp_path / "items").mkdir()
+    np.save(tmp_path / "items" / "sag.npy", arr)
+    row = {"id": "sag", "array": "items/sag.npy", "shape": list(arr.shape), "spacing": list(spacing)}
+    (tmp_path / "index.jsonl").write_text(json.dumps(row) + "\n")
+    image_cfg = {"size": list(SIZE), "mode": "view", "mm": [176, 176, 128], "augment": False}
+    batch = image_batch(PreparedCache(tmp_path), [0], image_cfg, rng=None)
+    assert batch.shape == (1, 1, *SIZE)
+    assert np.allclose(batch[0, 0].numpy(), global_view(arr, spacing, SIZE, (176, 176, 128)), atol=1e-6)
+
+
 def test_resampling_is_exact_on_identity_transpose_and_integer_downsampling():
     a = np.random.default_rng(0).random((10, 12, 14), dtype=np.float32)
     whole = CropBox((0, 1, 2), (0.0, 0.0, 0.0), (10.0, 12.0, 14.0))

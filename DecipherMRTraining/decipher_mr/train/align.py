@@ -56,6 +56,7 @@ from decipher_mr.train.clip_loss import ClipLoss
 from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
 from decipher_mr.models.vit3d import precision_context, resolve_precision
 from decipher_mr.train.runtime import adamw_options, configure_math, fetch_metrics
+from decipher_mr.train.ssl.multicrop import global_view
 from decipher_mr.train.ssl.export import teacher_backbone_from_run
 from decipher_mr.train.monitor import TrainingMonitor
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
@@ -68,7 +69,7 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "vision_trainable": "all",
     "text_trainable": "all",
     "embed_dim": 512,
-    "image": {"size": [64, 64, 64], "mode": "crop", "augment": True},
+    "image": {"size": [64, 64, 16], "mode": "view", "augment": True},
     "batch_size": 16,
     "chunks": 1,
     "iterations": 200,
@@ -98,7 +99,8 @@ ALIGN_DEFAULTS: dict[str, Any] = {
 
 def fit_volume(array: np.ndarray, size: Sequence[int], mode: str = "crop", rng: np.random.Generator | None = None) -> np.ndarray:
     """A ``size`` view of a prepared array: zero-pad then crop (random with ``rng``, else centred),
-    or with ``mode="resize"`` a trilinear resize of the whole volume.
+    or with ``mode="resize"`` a trilinear resize of the whole volume. (``image.mode="view"`` in a config
+    uses :func:`decipher_mr.train.ssl.multicrop.global_view` instead: a stage-1 global crop's geometry.)
 
     >>> fit_volume(cache.load(0), (64, 64, 64))            # centred crop, float32
     """
@@ -145,7 +147,10 @@ def image_batch(cache: PreparedCache, indices: Sequence[int], image_cfg: dict[st
             arr = cache.load(i)
         except Exception as exc:  # a damaged item should name itself, not crash anonymously
             raise RuntimeError(f"{cache.root / cache.items[i].array}: cannot read item {cache.items[i].id} ({exc})") from exc
-        v = fit_volume(arr, size, image_cfg.get("mode", "crop"), rng)
+        if image_cfg.get("mode", "crop") == "view":  # the geometry of a stage-1 global crop (mm extents)
+            v = global_view(arr, cache.items[i].spacing, size, image_cfg.get("mm"), rng)
+        else:
+            v = fit_volume(arr, size, image_cfg.get("mode", "crop"), rng)
         if rng is not None and image_cfg.get("augment", True):
             v = augment_intensity(v, rng)
         out[n, 0] = torch.from_numpy(v)  # cast to ``dtype`` while copying
