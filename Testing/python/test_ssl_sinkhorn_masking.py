@@ -246,7 +246,11 @@ def test_dataset_samples_carry_what_the_collate_needs(prepared_demo_cache):
     batch = collate_multicrop(samples)
     assert batch["masks"].shape == (6, 4 * 4 * 2)
     assert int(batch["masks"].any(dim=1).sum()) == 3
-    assert set(batch) == {"global", "local", "masks", "keys"}
+    assert set(batch) == {"global", "local", "masks", "keys", "mask_indices", "mask_weights"}
+    # the masked tokens' flat positions and weights are made on the host (no boolean indexing on a GPU)
+    assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().squeeze(1))
+    per_crop = batch["masks"].sum(dim=1, keepdim=True).clamp_min(1).float()
+    assert torch.equal(batch["mask_weights"], (1.0 / per_crop).expand_as(batch["masks"])[batch["masks"]])
 
 
 # --- stage 1 ---------------------------------------------------------------------------------------

@@ -84,10 +84,10 @@ class _CenteredTargets(nn.Module):
         n = torch.tensor(float(teacher_logits.shape[0]), device=s.device)
         all_reduce_sum(s)
         all_reduce_sum(n)
-        if float(n) == 0:  # no masked patch anywhere in the global batch: nothing to average
-            return
-        batch_center = s / n
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        # On the device, without asking the host: with no masked patch anywhere in the global batch
+        # (n == 0) the centre stays as it was.
+        updated = self.center * self.center_momentum + (s / n.clamp_min(1)) * (1 - self.center_momentum)
+        self.center.copy_(torch.where(n > 0, updated, self.center))
 
 
 class DINOLoss(_CenteredTargets):

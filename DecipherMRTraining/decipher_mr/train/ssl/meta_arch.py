@@ -69,22 +69,31 @@ class DinoIbotTower(nn.Module):
         self.dino_head = ProjectionHead(d, heads.dino_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.layers)
         self.ibot_head = ProjectionHead(d, heads.ibot_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.layers)
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None,
+                mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Student pass over every crop (masks apply to the global crops); the teacher uses
-        :meth:`teacher_forward` instead."""
+        :meth:`teacher_forward` instead. ``mask_indices`` (flat positions of the masked patches, from
+        the collate) selects them without a host sync; without it the boolean mask is used."""
         g = self.backbone(global_crops, mask=masks)
         cls = [g.cls]
         if local_crops is not None and local_crops.shape[0]:
             cls.append(self.backbone(local_crops).cls)
         dino = self.dino_head(torch.cat(cls))
-        masked = g.patch_tokens[masks] if masks is not None else g.patch_tokens[:0, 0]
-        return {"cls_global": g.cls, "dino": dino, "ibot": self.ibot_head(masked)}
+        return {"cls_global": g.cls, "dino": dino, "ibot": self.ibot_head(masked_tokens(g.patch_tokens, masks, mask_indices))}
 
     @torch.no_grad()
-    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None,
+                        mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         g = self.backbone(global_crops)
-        masked = g.patch_tokens[masks] if masks is not None else g.patch_tokens[:0, 0]
+        masked = masked_tokens(g.patch_tokens, masks, mask_indices)
         return {"cls_global": g.cls, "dino": self.dino_head(g.cls), "ibot": self.ibot_head(masked)}
+
+
+def masked_tokens(patch_tokens: torch.Tensor, masks: torch.Tensor | None, mask_indices: torch.Tensor | None) -> torch.Tensor:
+    """The (M, D) masked patch tokens of (2B, N, D) ``patch_tokens``, in ``masks``' row-major order."""
+    if mask_indices is not None:
+        return patch_tokens.flatten(0, 1).index_select(0, mask_indices)
+    return patch_tokens[masks] if masks is not None else patch_tokens[:0, 0]
 
 
 class SSLMetaArch(nn.Module):
@@ -125,15 +134,17 @@ class SSLMetaArch(nn.Module):
         n_global = 2
         b = g.shape[0] // n_global
         n_local = loc.shape[0] // max(b, 1)
-        t = self.teacher.teacher_forward(g, masks)
-        s = self.student_runner(g, loc if n_local else None, masks)
+        idx = batch.get("mask_indices")
+        t = self.teacher.teacher_forward(g, masks, idx)
+        s = self.student_runner(g, loc if n_local else None, masks, idx)
 
         with torch.autocast(device_type=g.device.type, enabled=False):
             t_dino = t["dino"].float()
             dino_targets = self.dino_loss.targets(t_dino, teacher_temp).chunk(n_global)
             dino = self.dino_loss(s["dino"].float().chunk(n_global + n_local), dino_targets)
-            n_masked = masks.sum(dim=1, keepdim=True).clamp_min(1).float()
-            weight = (1.0 / n_masked).expand_as(masks)[masks]
+            weight = batch.get("mask_weights")
+            if weight is None:
+                weight = (1.0 / masks.sum(dim=1, keepdim=True).clamp_min(1).float()).expand_as(masks)[masks]
             ibot_targets = self.ibot_loss.targets(t["ibot"].float(), teacher_temp)
             ibot = self.ibot_loss(s["ibot"].float(), ibot_targets, weight, n_samples=g.shape[0])
             # Summed over the global crops, as DINOv2 does (never between two crops of one image).
@@ -142,7 +153,8 @@ class SSLMetaArch(nn.Module):
             self.dino_loss.update_center(t_dino)
             # Called on every rank even without masked patches: it all-reduces under DDP.
             self.ibot_loss.update_center(t["ibot"].float())
-        metrics = {"loss/dino": float(dino.detach()), "loss/ibot": float(ibot.detach()), "loss/koleo": float(koleo.detach())}
+        # Device tensors: the trainer fetches every scalar of a step with one host sync.
+        metrics = {"loss/dino": dino.detach(), "loss/ibot": ibot.detach(), "loss/koleo": koleo.detach()}
         if monitor:
             metrics["monitor/teacher_entropy"] = mean_entropy(torch.cat(dino_targets))
             metrics["monitor/effective_rank"] = effective_rank(t["cls_global"].float())
@@ -152,9 +164,9 @@ class SSLMetaArch(nn.Module):
         """The parts whose gradients are clipped separately (as DINOv2): backbone, DINO head, iBOT head."""
         return {"backbone": self.student.backbone, "dino_head": self.student.dino_head, "ibot_head": self.student.ibot_head}
 
-    def clip_gradients(self, max_norm: float | None) -> dict[str, float]:
+    def clip_gradients(self, max_norm: float | None) -> dict[str, torch.Tensor]:
         """Clip each part's gradient norm to ``max_norm`` on its own (none when ``max_norm`` is falsy);
-        returns each part's norm before clipping. One joint clip would let a head's large gradient
+        returns each part's norm before clipping (0-d device tensors: no host sync). One joint clip would let a head's large gradient
         shrink the backbone's step (and the reverse); DINOv2 clips backbone and heads separately.
 
         >>> norms = arch.clip_gradients(3.0)   # {"backbone": ..., "dino_head": ..., "ibot_head": ...}
@@ -163,7 +175,8 @@ class SSLMetaArch(nn.Module):
         norms = {}
         for name, part in self.student_parts().items():
             params = [p for p in part.parameters() if p.grad is not None]
-            norms[name] = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+            norms[name] = (torch.nn.utils.clip_grad_norm_(params, limit) if params
+                           else torch.zeros((), device=next(part.parameters()).device))
         return norms
 
     def param_groups(self, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict[str, Any]]:

@@ -342,13 +342,21 @@ def collate_multicrop(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch
     Exactly ``int(2B * sample_probability)`` global crops keep their masks (DINOv2's fixed count):
     those ranked first by ``slot * B + position`` (see :mod:`decipher_mr.train.ssl.masking`), which
     masks the same crops of the global batch whatever the number of processes.
+
+    ``mask_indices`` (flat positions of the masked patches in ``masks``) and ``mask_weights`` (``1 / the
+    number of masked patches of its crop`` for each) are made here, on the host, so that the training
+    step selects the masked tokens with ``index_select`` on the device: boolean indexing there has a
+    data-dependent size and makes the host wait for the GPU (DINOv2 does the same).
     """
     n_masked = masked_crop_count(len(samples), float(samples[0]["mask_fraction"]))
     keep = torch.from_numpy(kept_crops(torch.stack([s["mask_slots"] for s in samples]).numpy(), n_masked))  # (B, 2)
-    masks = torch.stack([s["masks"] for s in samples]) & keep[..., None]  # (B, 2, N)
+    masks = (torch.stack([s["masks"] for s in samples]) & keep[..., None]).transpose(0, 1).flatten(0, 1)  # (2B, N)
+    per_crop = masks.sum(dim=1, keepdim=True).clamp_min(1).float()
     return {
         "global": torch.stack([s["global"] for s in samples], 1).flatten(0, 1),
         "local": torch.stack([s["local"] for s in samples], 1).flatten(0, 1),
-        "masks": masks.transpose(0, 1).flatten(0, 1),
+        "masks": masks,
+        "mask_indices": masks.flatten().nonzero().squeeze(1),
+        "mask_weights": (1.0 / per_crop).expand_as(masks)[masks],
         "keys": torch.stack([s["key"] for s in samples]),
     }

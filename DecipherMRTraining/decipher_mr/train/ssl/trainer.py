@@ -32,14 +32,13 @@ from decipher_mr.storage import atomic_write_json, atomic_write_text
 from decipher_mr.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from decipher_mr.train.distributed import (
     ResumableDistributedSampler,
-    all_reduce_floats,
-    any_rank,
     barrier,
     init_distributed,
     shutdown_distributed,
 )
 from decipher_mr.train.monitor import CollapseWatch, TrainingMonitor
 from decipher_mr.train.run_config import load_run_config
+from decipher_mr.train.runtime import adamw_options, fetch_metrics
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
 from decipher_mr.train.ssl.export import export_teacher_backbone
 from decipher_mr.train.ssl.masking import BlockMaskConfig
@@ -170,8 +169,7 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
     arch = SSLMetaArch(enc_cfg, heads, cfg["loss"]).to(ctx.device)
     groups = arch.param_groups(oc["layer_decay"], oc.get("patch_embed_lr_mult", 1.0))
     freeze_last_layer = int(oc.get("freeze_last_layer_iterations") or 0)
-    # Fused AdamW on CUDA (one kernel for all parameters); the default (foreach) elsewhere.
-    opt = torch.optim.AdamW(groups, lr=oc["lr"], betas=tuple(oc["betas"]), fused=True if ctx.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(groups, lr=oc["lr"], betas=tuple(oc["betas"]), **adamw_options(ctx.device))
     schedules = TrainingSchedules.build(
         iterations, oc["lr"], oc["min_lr"], oc["warmup_iterations"], oc["weight_decay"], oc["weight_decay_end"],
         oc["teacher_momentum"], oc["teacher_momentum_end"], oc["teacher_temp"], oc["warmup_teacher_temp"],
@@ -236,8 +234,14 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                 # norm of the whole gradient before clipping. The norms are the same on every rank after
                 # DDP's all-reduce, so all ranks skip together.
                 part_norms = arch.clip_gradients(oc.get("clip_grad"))
-                grad_norm = math.sqrt(sum(n * n for n in part_norms.values()))
-                if math.isfinite(grad_norm) and math.isfinite(float(loss.detach())):
+                # The step's one host sync: every scalar (losses averaged over ranks; the grad norms are
+                # the same on every rank after DDP's all-reduce; the stop flag is >0 when any rank got
+                # SIGTERM) in one all-reduce on the training device and one copy to the host.
+                stop_flag = torch.full((), float(stop.requested), device=ctx.device)
+                fetched = fetch_metrics({"loss": loss.detach(), **{k: metrics[k] for k in ("loss/dino", "loss/ibot", "loss/koleo")},
+                                         **{f"grad_norm/{k}": v for k, v in part_norms.items()}, "stop": stop_flag})
+                grad_norm = math.sqrt(sum(fetched[f"grad_norm/{k}"] ** 2 for k in part_norms))
+                if math.isfinite(grad_norm) and math.isfinite(fetched["loss"]):
                     opt.step()
                     arch.update_teacher(sch["momentum"])
                     nan_in_a_row = 0
@@ -249,12 +253,10 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                             f"{nan_in_a_row} steps in a row had a non-finite loss or gradient (iteration {it}); "
                             "aborting. Lower optim.lr, raise optim.warmup_iterations or use train.precision=fp32."
                         )
-                # Averaged over ranks in a tensor on the training device (NCCL has no CPU tensors).
-                reported = all_reduce_floats([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])
-                row = {"iteration": it, "loss": reported[0], "loss/dino": reported[1],
-                       "loss/ibot": reported[2], "loss/koleo": reported[3], "lr": sch["lr"],
+                row = {"iteration": it, "loss": fetched["loss"], "loss/dino": fetched["loss/dino"],
+                       "loss/ibot": fetched["loss/ibot"], "loss/koleo": fetched["loss/koleo"], "lr": sch["lr"],
                        "teacher_temp": sch["teacher_temp"], "momentum": sch["momentum"], "grad_norm": grad_norm,
-                       **{f"grad_norm/{k}": v for k, v in part_norms.items()},
+                       **{f"grad_norm/{k}": fetched[f"grad_norm/{k}"] for k in part_norms},
                        "last_layer_frozen": it < freeze_last_layer, "skipped_steps": skipped}
                 row.update({k: v for k, v in metrics.items() if k.startswith("monitor/")})
                 losses.append(row["loss"])
@@ -265,7 +267,7 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
                         for msg in watch.check(it, row.get("monitor/teacher_entropy"), row.get("monitor/effective_rank")):
                             monitor.text("collapse", msg, it)
                 monitor.step(it, {k: v for k, v in row.items() if k != "iteration"}, samples=tc["batch_size"])
-                stop_now = any_rank(stop.requested)
+                stop_now = fetched["stop"] > 0
                 done = it + 1
                 if stop_now or done % tc["checkpoint_every"] == 0 or done == stop_at:
                     last_ckpt = _checkpoint(ckpt_dir, done, modules, opt, arch, enc_cfg, sampler, per_rank, skipped, ctx, tc)
