@@ -255,15 +255,7 @@ def test_dataset_samples_carry_what_the_collate_needs(prepared_demo_cache):
 
 # --- stage 1 ---------------------------------------------------------------------------------------
 
-CONFIG = REPO / "DecipherMRTraining" / "configs" / "vit-small-demo.json"
-TINY = [
-    "model.encoder=vit-micro", "model.dino_prototypes=64", "model.ibot_prototypes=64",
-    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_layers=2",
-    'crops.global_size=[32,32,16]', 'crops.local_size=[16,16,8]', "crops.n_local=2",
-    "train.batch_size=4", "data.num_workers=0", "train.progress=false", "train.tensorboard=false",
-    "optim.warmup_iterations=2", "optim.teacher_temp_warmup_iterations=0", "optim.teacher_temp=0.04",
-    "train.monitor_every=0",
-]
+from test_pretrain_vision import CONFIG, TINY  # noqa: E402  (the same tiny stage-1 setting)
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("trame_slicer")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from browser import CHROMIUM, CHROMIUM_ARGS, ViewerPage, ViewerServer, colour_mask, window  # noqa: E402
+from browser import ViewerPage, ViewerServer, colour_mask, headless_chromium, window  # noqa: E402
 
 from decipher_mr import assets  # noqa: E402
 
@@ -48,13 +48,7 @@ def model(request, tmp_path_factory):
     return bundle, index, corpus
 
 
-@pytest.fixture(scope="module")
-def browser():
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make setup` installs Debian's chromium"
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+browser = pytest.fixture(scope="module", name="browser")(headless_chromium)
 
 
 @pytest.fixture()

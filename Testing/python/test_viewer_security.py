@@ -26,7 +26,7 @@ pytest.importorskip("trame_slicer")
 aiohttp = pytest.importorskip("aiohttp")
 msgpack = pytest.importorskip("msgpack")
 
-from browser import CHROMIUM, CHROMIUM_ARGS, ROOT, ViewerPage, ViewerServer, free_port  # noqa: E402
+from browser import ROOT, ViewerPage, ViewerServer, free_port, headless_chromium  # noqa: E402
 
 REFUSAL = "needs its access token"
 MB = 2**20
@@ -61,12 +61,8 @@ def viewer(files):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make setup` installs Debian's chromium"
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+    pytest.importorskip("playwright.sync_api")
+    yield from headless_chromium()
 
 
 @pytest.fixture()
@@ -223,10 +219,10 @@ def _refused(page, typed: str, field: str = "#dmr-volume-path") -> str:
     scene = page.scene()
     page.page.fill(field, "")
     page.type_and_enter(field, typed)
-    page.wait_for(lambda: typed in (page.state("dmr_error") or ""), f"the refusal of {typed}", timeout=30)
+    page.wait_for(lambda: typed in (page.state("dmr_error") or ""), f"the refusal of {typed}", timeout=90)
     error = page.state("dmr_error")
     alert = page.page.locator("#dmr-error")
-    alert.wait_for(state="visible", timeout=10_000)
+    alert.wait_for(state="visible", timeout=60_000)
     assert typed in alert.inner_text()
     assert page.scene() == scene  # nothing opened
     page.page.evaluate("() => window.trame.state.set('dmr_error', '')")
