@@ -56,7 +56,7 @@ $(DEMO)/data/manifest.jsonl: | setup
 
 CFG := DecipherMRTraining/configs
 RUNS := $(DEMO)/runs
-# Iteration counts sized for a CPU demo (about 20-25 minutes on 2 cores in all); raise them for a real model.
+# Iteration counts sized for a CPU demo (about 15-25 minutes on 2 cores in all); raise them for a real model.
 DEMO_HEAD_ITERS ?= 150
 
 demo: setup $(DEMO)/data/manifest.jsonl

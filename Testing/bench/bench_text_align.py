@@ -6,7 +6,7 @@
    length-bucketed batches, padding to the batch's longest report) against two baselines measured
    in the same run: the same model on batches in corpus order padded to 512 tokens (what a plain
    ``tokenizer(..., padding="max_length")`` loop does) and report-by-report encoding.
-2. Alignment step (pairs/s): the demo config (vit-tiny on 64x64x16 views, frozen MiniLM with
+2. Alignment step (pairs/s): the demo config (vit-tiny on 64^3 crops, frozen MiniLM with
    precomputed report features, batch 16) with GradCache ``chunks=2`` against ``chunks=1`` (the
    price of the memory saving).
 
@@ -91,7 +91,7 @@ def bench_align(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = PreparedCache(build_brain_pairs(Path(tmp) / "pairs", n_train=32, n_val=0, n_test=0))
         idx = list(range(16))
-        view = {"size": [64, 64, 16], "mode": "view", "mm": [176, 176, 128], "augment": True}  # align-demo.json
+        view = {"size": [64, 64, 64], "mode": "crop", "augment": True}  # align-demo.json
         results = {}
         for chunks in (1, 2):
             torch.manual_seed(0)
@@ -110,7 +110,7 @@ def bench_align(steps: int) -> None:
 
             step()  # warm-up
             results[chunks] = rate(lambda: [step() for _ in range(steps)], steps * len(idx), repeats=1)
-        print(f"alignment step, demo config (vit-tiny, 64x64x16 views, frozen MiniLM features, batch 16), "
+        print(f"alignment step, demo config (vit-tiny, 64^3 crops, frozen MiniLM features, batch 16), "
               f"{torch.get_num_threads()} threads:")
         print(f"  chunks=1:                {results[1]:8.2f} pairs/s")
         print(f"  chunks=2 (GradCache):    {results[2]:8.2f} pairs/s   -> x{results[2] / results[1]:.2f} of chunks=1")

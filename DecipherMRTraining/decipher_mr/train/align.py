@@ -69,7 +69,7 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "vision_trainable": "all",
     "text_trainable": "all",
     "embed_dim": 512,
-    "image": {"size": [64, 64, 16], "mode": "view", "augment": True},
+    "image": {"size": [64, 64, 64], "mode": "crop", "augment": True},
     "batch_size": 16,
     "chunks": 1,
     "iterations": 200,
