@@ -96,7 +96,7 @@ demo: setup $(DEMO)/data/manifest.jsonl
 	@echo "                $(CLI) view --bundle $(DEMO)/bundle.zip --index $(DEMO)/index --volume $(DEMO)/data/images/brain-000.nii.gz"
 
 test: setup
-	$(PY) -m pytest Testing/python -q
+	$(PY) -m pytest Testing/python -q -rs
 
 bench: setup
 	@set -e; for b in Testing/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
