@@ -17,6 +17,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# UTF-8 mode: a library that sets the C locale at run time (seen in the test session) would otherwise make
+# open() default to ASCII, and torch.compile's inductor fails reading its own UTF-8 sources.
+export PYTHONUTF8 := 1
 
 .PHONY: setup debian-packages demo test bench screenshots clean-demo help
 
