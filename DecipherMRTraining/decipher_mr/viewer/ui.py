@@ -77,9 +77,17 @@ def _action_field(model: str, label: str, action, field_id: str, icon: str | Non
     """A compact text field whose Enter (and its icon, if any) runs ``action``."""
     from trame.widgets import vuetify3 as v
 
+    def on_enter(typed=None):
+        # The key event can reach the server before the v-model update of the last keystrokes: take the
+        # text as it stood at Enter (seen as an empty path when typing and Enter came close together).
+        owner = getattr(action, "__self__", None)
+        if isinstance(typed, str) and owner is not None:
+            owner.state[model] = typed
+        return action()
+
     extra = {"append_inner_icon": icon, "click_appendInner": action} if icon else {}
     return v.VTextField(v_model=(model,), label=label, density="compact", hide_details=True, id=field_id,
-                        __events=ENTER, keydown_enter=action, **extra, **kwargs)
+                        __events=ENTER, keydown_enter=(on_enter, "[$event.target.value]"), **extra, **kwargs)
 
 
 def _card(title: str, icon: str, **kwargs):
