@@ -489,13 +489,3 @@ def install_shipped_copy(package_dir: Path, pip_install: Callable[[List[str]], N
         for path in [copy, *copy.rglob("*")]:  # a read-only source gives a read-only copy; pip writes into it
             path.chmod(path.stat().st_mode | 0o200)
         pip_install(["--no-index", "--no-build-isolation", "--no-deps", str(copy)])
-
-
-def worker_python() -> str:
-    """The Python that runs the inference worker: Slicer's own (PythonSlicer) or this interpreter.
-
-    >>> worker_python()
-    """
-    exe = Path(sys.executable)
-    slicer_python = exe.with_name("PythonSlicer" + exe.suffix)
-    return str(slicer_python if slicer_python.exists() else exe)

@@ -133,8 +133,6 @@ class WorkerEngine:
     def client(self, progress: ProgressFn):
         from decipher_mr.inference.client import WorkerClient
 
-        from .Dependencies import worker_python
-
         if self._client is None or not self._client.alive:
             if self._client is not None:
                 self._client.kill()  # a launcher that died may leave the real worker running: stop it first
@@ -245,6 +243,19 @@ class WorkerEngine:
             self._client.close()
             self._client = None
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def worker_python() -> str:
+    """The Python that runs the inference worker: Slicer's own (PythonSlicer) or this interpreter.
+
+    >>> worker_python()
+    """
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable)
+    slicer_python = exe.with_name("PythonSlicer" + exe.suffix)
+    return str(slicer_python if slicer_python.exists() else exe)
 
 
 def default_engine_factory():

@@ -6,7 +6,7 @@ One run on one GPU (H100/H200), in under 8 minutes, with a random-weight ViT-B:
    with a real NCCL process group (made by this script: with ``WORLD_SIZE=1`` the trainer's
    ``init_distributed`` makes none, so a plain single-process run would never touch NCCL). The student is
    wrapped in DDP as the trainer does for several ranks, and each step is the trainer's step (bf16
-   autocast, ``SSLMetaArch.training_loss``, per-part clipping, AdamW, EMA teacher, ``all_reduce_floats``).
+   autocast, ``SSLMetaArch.training_loss``, per-part clipping, AdamW, EMA teacher, ``fetch_metrics``).
    Reported: volumes/s and MFU against the GPU's bf16 peak **measured in the same process** (an
    8192^3 bf16 GEMM timed with CUDA events). Then the real ``train()`` runs a few iterations of the demo
    config (vit-tiny) inside the same NCCL group: DataLoader, collectives, checkpoint, barrier, export.
@@ -317,7 +317,7 @@ def head_flops(heads, embed_dim: int, n: int) -> float:
 def stage1(cfg: dict[str, Any], cache_dir: Path, device: torch.device, peak_tflops: float) -> dict[str, Any]:
     from decipher_mr.data.cache import PreparedCache
     from decipher_mr.models.vit3d import precision_context, resolve_precision, vision_config
-    from decipher_mr.train.distributed import all_reduce_floats
+    from decipher_mr.train.runtime import fetch_metrics
     from decipher_mr.train.ssl.masking import BlockMaskConfig
     from decipher_mr.train.ssl.meta_arch import HeadConfig, SSLMetaArch
     from decipher_mr.train.ssl.multicrop import MultiCropConfig, MultiCropDataset, collate_multicrop
@@ -364,7 +364,7 @@ def stage1(cfg: dict[str, Any], cache_dir: Path, device: torch.device, peak_tflo
         arch.clip_gradients(3.0)
         opt.step()
         arch.update_teacher(0.996)
-        losses.append(all_reduce_floats([float(loss.detach()), metrics["loss/dino"], metrics["loss/ibot"], metrics["loss/koleo"]])[0])
+        losses.append(fetch_metrics({"loss": loss.detach(), **metrics})["loss"])  # the trainer's one sync
 
     n = 0
 

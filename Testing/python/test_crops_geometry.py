@@ -170,15 +170,21 @@ def test_local_crops_are_smaller_in_plane_and_through_plane(series):
             assert 0.74 < a / b < 1.34, (name, a, b)
 
 
+def _one_item_cache(folder: Path, arr: np.ndarray, spacing) -> Path:
+    """A prepared cache (the index format PreparedCache reads) holding one array."""
+    (folder / "items").mkdir()
+    np.save(folder / "items" / "sag.npy", arr)
+    row = {"id": "sag", "array": "items/sag.npy", "shape": list(arr.shape), "spacing": list(spacing)}
+    (folder / "index.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
 def test_the_dataset_crops_with_the_items_spacing(series, tmp_path):
     from decipher_mr.data.cache import PreparedCache
     from decipher_mr.train.ssl.multicrop import MultiCropDataset
 
     arr, spacing = series["brain_sagittal"]
-    (tmp_path / "items").mkdir()
-    np.save(tmp_path / "items" / "sag.npy", arr)
-    row = {"id": "sag", "array": "items/sag.npy", "shape": list(arr.shape), "spacing": list(spacing)}
-    (tmp_path / "index.jsonl").write_text(json.dumps(row) + "\n")
+    _one_item_cache(tmp_path, arr, spacing)
     fov = tuple(float(n * s) for n, s in ((arr.shape[1], spacing[1]), (arr.shape[2], spacing[2]), (arr.shape[0], spacing[0])))
     # scale 1 over the whole field of view and no augmentation: both global crops are the global view
     cfg = MultiCropConfig(global_size=SIZE, local_size=LOCAL, n_local=2, global_mm=fov, global_scale_inplane=(1, 1),
@@ -193,13 +199,10 @@ def test_the_dataset_crops_with_the_items_spacing(series, tmp_path):
 
 def test_stage2_views_have_the_geometry_of_a_stage1_global_crop(series, tmp_path):
     from decipher_mr.data.cache import PreparedCache
-    from decipher_mr.train.align import image_batch
+    from decipher_mr.train.align_views import image_batch
 
     arr, spacing = series["brain_sagittal"]
-    (tmp_path / "items").mkdir()
-    np.save(tmp_path / "items" / "sag.npy", arr)
-    row = {"id": "sag", "array": "items/sag.npy", "shape": list(arr.shape), "spacing": list(spacing)}
-    (tmp_path / "index.jsonl").write_text(json.dumps(row) + "\n")
+    _one_item_cache(tmp_path, arr, spacing)
     image_cfg = {"size": list(SIZE), "mode": "view", "mm": [176, 176, 128], "augment": False}
     batch = image_batch(PreparedCache(tmp_path), [0], image_cfg, rng=None)
     assert batch.shape == (1, 1, *SIZE)

@@ -98,7 +98,7 @@ def two_process_sinkhorn(tmp_path_factory) -> tuple[Path, list[subprocess.Comple
 def _result(out: Path, name: str, rank: int) -> torch.Tensor:
     f = out / f"{name}-{rank}.pt"
     assert f.exists(), f"rank {rank} produced no result for {name!r}"
-    return torch.load(f)
+    return torch.load(f, weights_only=True)
 
 
 def test_sinkhorn_with_no_rows_returns_an_empty_result():

@@ -29,7 +29,7 @@ DEFAULT_IMAGE = {"size": [64, 64, 64], "mode": "crop"}
 def embed_split(model: ImageTextModel, cache: PreparedCache, indices: list[int], image_cfg: dict[str, Any],
                 batch_size: int = 8, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit image and report embeddings (N, D) of cache items ``indices``."""
-    from decipher_mr.train.align import image_batch
+    from decipher_mr.train.align_views import image_batch
 
     model.eval()
     image_parts = []

@@ -39,7 +39,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from decipher_mr.data.cache import PreparedCache
 from decipher_mr.data.sampling import RegionBatchSampler
@@ -51,15 +50,15 @@ from decipher_mr.models.clip import (
     tower_is_frozen,
 )
 from decipher_mr.models.text import TextTower, pad_token_ids, tokenize_reports
+from decipher_mr.models.vit3d import precision_context, resolve_precision
 from decipher_mr.train import checkpoint as ckpt
+from decipher_mr.train.align_views import AlignBatches, augment_intensity, fit_volume, image_batch  # noqa: F401 (re-exported)
 from decipher_mr.train.clip_loss import ClipLoss
 from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
-from decipher_mr.models.vit3d import precision_context, resolve_precision
-from decipher_mr.train.runtime import adamw_options, configure_math, fetch_metrics
-from decipher_mr.train.ssl.multicrop import global_view
-from decipher_mr.train.ssl.export import teacher_backbone_from_run
 from decipher_mr.train.monitor import TrainingMonitor
+from decipher_mr.train.runtime import adamw_options, configure_math, fetch_metrics
 from decipher_mr.train.schedules import TrainingSchedules, apply_to_optimizer
+from decipher_mr.train.ssl.export import teacher_backbone_from_run
 
 ALIGN_DEFAULTS: dict[str, Any] = {
     "cache": None,
@@ -92,106 +91,6 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     # DataLoader worker processes that read and augment the images (0: the main process)
     "data": {"num_workers": 2},
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# image views
-
-def fit_volume(array: np.ndarray, size: Sequence[int], mode: str = "crop", rng: np.random.Generator | None = None) -> np.ndarray:
-    """A ``size`` view of a prepared array: zero-pad then crop (random with ``rng``, else centred),
-    or with ``mode="resize"`` a trilinear resize of the whole volume. (``image.mode="view"`` in a config
-    uses :func:`decipher_mr.train.ssl.multicrop.global_view` instead: a stage-1 global crop's geometry.)
-
-    >>> fit_volume(cache.load(0), (64, 64, 64))            # centred crop, float32
-    """
-    size = tuple(int(s) for s in size)
-    if mode == "resize":
-        t = torch.from_numpy(np.array(array, dtype=np.float32))[None, None]  # a copy: cache arrays are read-only maps
-        return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-    if mode != "crop":
-        raise ValueError(f"image mode must be 'crop' or 'resize', not {mode!r}")
-    arr = np.asarray(array, dtype=np.float32)
-    pad = [(max(0, s - a) // 2, max(0, s - a) - max(0, s - a) // 2) for a, s in zip(arr.shape, size)]
-    if any(p for pair in pad for p in pair):
-        arr = np.pad(arr, pad, mode="constant")
-    starts = []
-    for a, s in zip(arr.shape, size):
-        room = a - s
-        starts.append(int(rng.integers(0, room + 1)) if rng is not None and room > 0 else room // 2)
-    sl = tuple(slice(b, b + s) for b, s in zip(starts, size))
-    return np.ascontiguousarray(arr[sl])
-
-
-def augment_intensity(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Light intensity jitter (scale ±10 %, shift ±0.1, noise σ 0.02). No flips: left/right is in the reports.
-
-    Everything is float32 (the noise is drawn in float32, no float64 temporaries): half the memory
-    traffic of drawing float64 noise and casting afterwards.
-    """
-    out = np.asarray(volume, dtype=np.float32) * np.float32(rng.uniform(0.9, 1.1))
-    out += np.float32(rng.uniform(-0.1, 0.1))
-    noise = rng.standard_normal(size=out.shape, dtype=np.float32)
-    noise *= np.float32(0.02)
-    out += noise
-    return out
-
-
-def image_batch(cache: PreparedCache, indices: Sequence[int], image_cfg: dict[str, Any],
-                rng: np.random.Generator | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 1, X, Y, Z) views of cache items (float32, or ``dtype``); ``rng=None`` gives the
-    deterministic eval view."""
-    size = tuple(int(s) for s in image_cfg["size"])
-    out = torch.empty((len(indices), 1, *size), dtype=dtype)
-    for n, i in enumerate(indices):
-        try:
-            arr = cache.load(i)
-        except Exception as exc:  # a damaged item should name itself, not crash anonymously
-            raise RuntimeError(f"{cache.root / cache.items[i].array}: cannot read item {cache.items[i].id} ({exc})") from exc
-        if image_cfg.get("mode", "crop") == "view":  # the geometry of a stage-1 global crop (mm extents)
-            v = global_view(arr, cache.items[i].spacing, size, image_cfg.get("mm"), rng)
-        else:
-            v = fit_volume(arr, size, image_cfg.get("mode", "crop"), rng)
-        if rng is not None and image_cfg.get("augment", True):
-            v = augment_intensity(v, rng)
-        out[n, 0] = torch.from_numpy(v)  # cast to ``dtype`` while copying
-    return out
-
-
-class AlignBatches(torch.utils.data.Dataset):
-    """Stage-2 training batches by iteration number, for a ``DataLoader`` with workers.
-
-    Item ``it`` is ``(positions, images)``: this rank's share of global batch ``it`` of the
-    :class:`RegionBatchSampler` (positions into the sampler's item list) and their augmented views
-    in ``transfer_dtype`` (float16 by default: half the shared memory and host-to-device traffic of
-    float32; intensities are z-scored, so fp16's 11-bit mantissa keeps ~3 significant digits). The
-    augmentation is seeded by ``(seed, it, rank)`` alone, so the batches are the same for any number
-    of workers, and a loader over ``range(start, iterations)`` resumes the exact data stream.
-
-    >>> loader = DataLoader(AlignBatches(cache, train_idx, sampler, image_cfg, seed, rank),
-    ...                     sampler=range(start, iterations), batch_size=None, num_workers=4)
-    """
-
-    def __init__(self, cache: PreparedCache, items: Sequence[int], sampler: RegionBatchSampler,
-                 image_cfg: dict[str, Any], seed: int, rank: int = 0, transfer_dtype: torch.dtype = torch.float16):
-        self.cache, self.items, self.sampler, self.image_cfg = cache, list(items), sampler, image_cfg
-        self.seed, self.rank, self.transfer_dtype = int(seed), int(rank), transfer_dtype
-        self._epoch: tuple[int, list[list[int]]] | None = None
-
-    def positions(self, iteration: int) -> list[int]:
-        """This rank's sampler positions for ``iteration`` (what ``sampler.stream(0)`` yields there)."""
-        epoch, b = self.sampler.position(iteration)
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, list(self.sampler.epoch_batches(epoch)))
-        return self._epoch[1][b]
-
-    def __len__(self) -> int:  # iterations are unbounded; the loader's sampler says which are read
-        return sys.maxsize
-
-    def __getitem__(self, iteration: int) -> tuple[list[int], torch.Tensor]:
-        local = self.positions(int(iteration))
-        rng = np.random.default_rng([self.seed, int(iteration), self.rank])
-        images = image_batch(self.cache, [self.items[i] for i in local], self.image_cfg, rng, dtype=self.transfer_dtype)
-        return local, images
 
 
 # ---------------------------------------------------------------------------------------------

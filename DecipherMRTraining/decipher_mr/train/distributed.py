@@ -1,15 +1,16 @@
 """One entry point for plain ``python`` and ``torchrun``: the same command scales out without changes.
 
 ``init_distributed()`` reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``); without it the run is world size 1 and no process group is made.
+``MASTER_ADDR``, ``MASTER_PORT``); under torchrun a process group is made even for one process (so a
+one-GPU run goes through NCCL and DDP), and under plain ``python`` none is.
 The backend is NCCL when the device is CUDA and gloo otherwise, so DDP also works on CPU.
 
 Collectives: NCCL only moves CUDA tensors, so every tensor handed to a collective must live on the
 training device (``ctx.device``), never on the CPU where ``torch.tensor([...])`` puts it by default.
 ``init_distributed`` records that device; the helpers here refuse a tensor elsewhere with a message
-naming both devices (gloo would accept it, NCCL would crash), and :func:`all_reduce_floats` /
-:func:`any_rank` build their tensors on it, so a trainer never writes ``torch.tensor`` for a
-collective itself.
+naming both devices (gloo would accept it, NCCL would crash). A step's scalars go to the host
+through :func:`decipher_mr.train.runtime.fetch_metrics`: one tensor on the device, one all-reduce,
+one copy.
 
 :class:`ResumableDistributedSampler` is the data order for every stage: a seeded per-epoch
 permutation, sharded across ranks, whose position ``(epoch, index)`` goes into the checkpoint so
@@ -120,11 +121,6 @@ def barrier() -> None:
 _TRAINING_DEVICE: torch.device | None = None
 
 
-def training_device() -> torch.device:
-    """The training device recorded by :func:`init_distributed` (the CPU before any call)."""
-    return _TRAINING_DEVICE if _TRAINING_DEVICE is not None else torch.device("cpu")
-
-
 def _collective_ready(tensor: torch.Tensor, what: str) -> bool:
     """True when a process group exists (the collective must run); raises if ``tensor`` is not on
     the training device (NCCL has no CPU tensors: the run would crash inside the collective)."""
@@ -156,19 +152,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_floats(values: list[float], mean: bool = True) -> list[float]:
-    """Mean (or sum) of each Python number over ranks, reduced in one tensor on the training device.
-
-    >>> loss, dino = all_reduce_floats([float(loss), metrics["loss/dino"]])
-    """
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=training_device())
-    (all_reduce_mean if mean else all_reduce_sum)(t)
-    return [float(v) for v in t.tolist()]
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (e.g. a stop request seen by one process)."""
-    return all_reduce_floats([1.0 if flag else 0.0], mean=False)[0] > 0
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
