@@ -43,9 +43,10 @@ $(STAMP): requirements.lock DecipherMRTraining/pyproject.toml
 	@touch $@
 
 # Debian packages: real MRI and atlases (Colin27, AAL) from mricron-data; Chromium and ChromeDriver for
-# the viewer's browser tests; Mesa's EGL for rendering Slicer views without a display. Installed only
+# the viewer's browser tests; Mesa's EGL for rendering Slicer views without a display; OpenSSH's server for
+# the remote-engine tests (run unprivileged on 127.0.0.1, never as a service). Installed only
 # when one is missing, so a set-up machine does not call apt at all.
-DEB_PACKAGES := mricron-data chromium chromium-driver libegl1 libgl1-mesa-dri
+DEB_PACKAGES := mricron-data chromium chromium-driver libegl1 libgl1-mesa-dri openssh-server
 debian-packages:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
