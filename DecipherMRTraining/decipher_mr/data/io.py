@@ -1,7 +1,8 @@
 """Reading MRI series and radiology reports, with errors a user can act on.
 
 ``read_volume`` opens NIfTI (``.nii``, ``.nii.gz``), NRRD, MHA/MHD files and DICOM series folders with
-SimpleITK and returns a :class:`~decipher_mr.data.volume.Volume` with its geometry untouched. Every
+SimpleITK, FreeSurfer ``.mgz``/``.mgh``, NIfTI-2 and Philips PAR/REC with nibabel, demosaics Siemens
+mosaic DICOM (:mod:`decipher_mr.data.io_formats`), and returns a :class:`~decipher_mr.data.volume.Volume` with its geometry untouched. Every
 problem is a :class:`VolumeReadError` (a ``ValueError``) whose message starts with the file or folder
 and says what is wrong: missing, truncated or corrupt, 2D, 4D, vector-valued, too large, NaN/Inf
 voxels, constant, or a DICOM folder that mixes series.
@@ -58,11 +59,19 @@ def read_volume(
     """
     import SimpleITK as sitk
 
+    from .io_formats import is_nibabel_only, read_mosaic, read_nibabel
+
     path = Path(path)
     if not path.exists():
         raise VolumeReadError(f"{path}: file or folder does not exist")
+    if path.is_file() and is_nibabel_only(path):
+        vol = read_nibabel(path, max_voxels, volume_index, VolumeReadError)
+        _check_voxels(vol, path, allow_constant)
+        return vol
     if path.is_dir():
-        img = _read_dicom_folder(path, series_uid, max_voxels)
+        img = _read_dicom_folder(path, series_uid, max_voxels, volume_index)
+    elif not path.name.lower().endswith(VOLUME_SUFFIXES) and _is_mosaic(str(path)):
+        img = read_mosaic([str(path)], path, volume_index, VolumeReadError)
     else:
         _check_complete_file(path)
         reader = sitk.ImageFileReader()
@@ -73,6 +82,10 @@ def read_volume(
             raise VolumeReadError(f"{path}: not a readable image ({_first_line(exc)})") from exc
         size = tuple(reader.GetSize())
         _check_header(path, size, reader.GetNumberOfComponents(), max_voxels, volume_index)
+        if reader.HasMetaDataKey("0028|0008") and len(size) == 3 and size[2] > 1:  # enhanced multi-frame DICOM
+            from .io_formats import check_multiframe_geometry
+
+            check_multiframe_geometry(str(path), VolumeReadError)
         try:
             img = reader.Execute()
         except RuntimeError as exc:
@@ -81,7 +94,7 @@ def read_volume(
             img = _pick_volume(img, path, volume_index)
         _check_nifti_finite(path)
     try:
-        vol = Volume.from_sitk(img, path=str(path))
+        vol = img if isinstance(img, Volume) else Volume.from_sitk(img, path=str(path))
     except ValueError as exc:
         raise VolumeReadError(str(exc)) from exc
     _check_voxels(vol, path, allow_constant)
@@ -285,8 +298,23 @@ def _series_description(filename: str) -> str:
         return ""
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None, max_voxels: int):
+def _is_mosaic(filename: str) -> bool:
+    """Siemens mosaic: ImageType holds MOSAIC (read from the header only)."""
     import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(filename)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return reader.HasMetaDataKey("0008|0008") and "MOSAIC" in reader.GetMetaData("0008|0008").upper()
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None, max_voxels: int, volume_index: int | None = None):
+    import SimpleITK as sitk
+
+    from .io_formats import check_multiframe_geometry, read_mosaic
 
     series = list_dicom_series(folder)
     if not series:
@@ -308,6 +336,21 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, max_voxels: int):
         probe.ReadImageInformation()
     except RuntimeError as exc:
         raise VolumeReadError(f"{files[0]}: unreadable DICOM file ({_first_line(exc)})") from exc
+    if probe.HasMetaDataKey("0008|0008") and "MOSAIC" in probe.GetMetaData("0008|0008").upper():
+        return read_mosaic(list(files), folder, volume_index, VolumeReadError)
+    frames = probe.GetSize()[2] if len(probe.GetSize()) > 2 else 1
+    if frames > 1:  # enhanced multi-frame: one file holds the whole volume, with per-frame geometry
+        if len(files) > 1:
+            raise VolumeReadError(
+                f"{folder}: series {series_uid} holds {len(files)} multi-frame files; "
+                "convert it with dcm2niix (decipher-mr manifest --convert) and read the NIfTI"
+            )
+        _check_header(folder, tuple(probe.GetSize()), probe.GetNumberOfComponents(), max_voxels, None)
+        check_multiframe_geometry(files[0], VolumeReadError)
+        try:
+            return sitk.ReadImage(files[0])
+        except RuntimeError as exc:
+            raise VolumeReadError(f"{files[0]}: multi-frame DICOM could not be read ({_first_line(exc)})") from exc
     size = tuple(probe.GetSize()[:2]) + (len(files),)
     _check_header(folder, size, probe.GetNumberOfComponents(), max_voxels, None)
     reader = sitk.ImageSeriesReader()
