@@ -5,7 +5,8 @@ Two backends answer the same calls (``segment``, ``anomaly``, ``ground``, ``simi
 
 * ``WorkerEngine`` (what the module uses): the persistent ``decipher-mr worker`` process through
   ``decipher_mr.inference.client``; the model stays warm between runs and a crash of the worker is an
-  error here, never a crash of Slicer.
+  error here, never a crash of Slicer. With a remote ``target`` (``user@host``) the same worker runs on
+  a GPU server through ``ssh``; volumes and maps then travel in-band (``decipher_mr.inference.transport``).
 * ``InProcessEngine``: a ``decipher_mr.inference.Session`` in this process (scripts, tests, and Slicer
   builds where a subprocess is not wanted). Cancel interrupts it at the next transformer block.
 
@@ -90,6 +91,20 @@ class InProcessEngine:
             raise ValueError("retrieval needs an index: choose the index folder built with `decipher-mr index build`")
         return self.index
 
+    def info(self) -> dict:
+        """What the session loaded (as the worker's ``ready``); {} before the first run."""
+        if self._session is None:
+            return {}
+        from decipher_mr.inference.worker import engine_facts
+
+        return {**self._session.describe(), **engine_facts(self._session)}
+
+    def connect(self, progress: ProgressFn, cancel: threading.Event) -> dict:
+        with self._lock:
+            progress(0.0, "Loading the model bundle")
+            self.session()
+        return self.info()
+
     def cancel(self) -> None:
         """Cancelling is cooperative here: the progress callback raises at the next block."""
 
@@ -117,12 +132,14 @@ class WorkerEngine:
     """
 
     def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None,
-                 cancel_grace_s: float = CANCEL_GRACE_S) -> None:
+                 cancel_grace_s: float = CANCEL_GRACE_S, target=None) -> None:
         import tempfile
         from pathlib import Path
 
         self.bundle, self.device, self.index = str(bundle), device, index
         self.python = python
+        self.target = target if target is not None and getattr(target, "remote", False) else None
+        self._sent: set[str] = set()  # volume keys the current remote worker holds
         self.cancel_grace_s = float(cancel_grace_s)
         self.folder = Path(tempfile.mkdtemp(prefix="decipher-mr-slicer-"))
         self._client = None
@@ -136,10 +153,29 @@ class WorkerEngine:
         if self._client is None or not self._client.alive:
             if self._client is not None:
                 self._client.kill()  # a launcher that died may leave the real worker running: stop it first
-            progress(0.0, "Starting the DecipherMR worker and loading the model")
-            self._client = WorkerClient(self.bundle, device=self.device, out=str(self.folder / "out"), python=self.python or worker_python())
-            self._client.start()
+                self._client = None
+            self._sent = set()
+            if self.target is not None:
+                progress(0.0, f"Connecting to {self.target.label()} and loading the model there")
+                client = WorkerClient(self.bundle, device=self.device, target=self.target)
+            else:
+                progress(0.0, "Starting the DecipherMR worker and loading the model")
+                client = WorkerClient(self.bundle, device=self.device, out=str(self.folder / "out"),
+                                      python=self.python or worker_python())
+            client.start()  # raises with a clear message (unreachable, key refused, missing, protocol)
+            self._client = client
         return self._client
+
+    def info(self) -> dict:
+        """What the running engine loaded (bundle, name, fingerprint, device, gpu, host); {} before it starts."""
+        return dict(self._client.info) if self._client is not None and self._client.alive else {}
+
+    def connect(self, progress: ProgressFn, cancel: threading.Event) -> dict:
+        """Start (or reach) the engine and return :meth:`info`: the panel's Connect button."""
+        with self._lock:
+            self.client(progress)
+        progress(1.0, "Connected")
+        return self.info()
 
     def _volume_file(self, volume) -> str:
         import hashlib
@@ -157,10 +193,8 @@ class WorkerEngine:
             write_volume(volume, path, compress=False)
         return str(path)
 
-    def _request(self, method: str, params: dict, progress: ProgressFn, cancel: threading.Event) -> dict:
-        import time
-
-        from decipher_mr.inference.client import RequestCancelled
+    def _request(self, method: str, params: dict, progress: ProgressFn, cancel: threading.Event, volume=None) -> dict:
+        from decipher_mr.inference.client import RequestCancelled, WorkerError
 
         with self._lock:
             client = self.client(progress)
@@ -170,29 +204,64 @@ class WorkerEngine:
             def on_progress(msg: dict) -> None:
                 progress(float(msg.get("fraction", 0.0)), STAGE_NAMES.get(msg.get("stage"), str(msg.get("stage", ""))))
 
-            exchange = {"format": "nrrd", "compress": False}  # private files read once: gzip would only cost time
-            handle = client.submit(method, {**params, **exchange} if "volume" in params else params, on_progress)
-            self._handle = handle
-            cancelled_at = None
-            try:
-                while True:
-                    try:
-                        return handle.result(timeout=0.1)
-                    except TimeoutError:
-                        if cancel.is_set() and cancelled_at is None:
-                            cancelled_at = time.monotonic()
-                            handle.cancel()
-                        elif cancelled_at is not None and time.monotonic() - cancelled_at > self.cancel_grace_s:
-                            client.kill()  # the whole tree: a launcher's child would go on computing
-                            raise RequestCancelled(f"the worker did not stop within {self.cancel_grace_s:g} s of the "
-                                                   "cancel and was stopped; the next run starts a new one", "cancelled")
-            finally:
-                self._handle = None
+            if volume is None:
+                return self._wait(client, client.submit(method, params, on_progress), cancel)
+            if self.target is None:  # private files read once: gzip would only cost time
+                exchange = {"volume": self._volume_file(volume), "format": "nrrd", "compress": False}
+                return self._wait(client, client.submit(method, {**params, **exchange}, on_progress), cancel)
+            for attempt in (0, 1):
+                ref = self._send_volume(client, volume, progress, cancel)
+                try:
+                    return self._wait(client, client.submit(method, {**params, "volume": ref, "inline": True}, on_progress),
+                                      cancel)
+                except WorkerError as exc:  # the worker dropped it (it keeps a few): send it again, once
+                    if exc.code != "unknown_volume" or attempt:
+                        raise
+                    self._sent.discard(ref.split(":", 1)[1])
 
-    def _read(self, path: str):
+    def _wait(self, client, handle, cancel: threading.Event):
+        """The request's result; on Cancel, tell the worker, and stop it outright after the grace time."""
+        import time
+
+        from decipher_mr.inference.client import RequestCancelled
+
+        self._handle = handle
+        cancelled_at = None
+        try:
+            while True:
+                try:
+                    return handle.result(timeout=0.1)
+                except TimeoutError:
+                    if cancel.is_set() and cancelled_at is None:
+                        cancelled_at = time.monotonic()
+                        handle.cancel()
+                    elif cancelled_at is not None and time.monotonic() - cancelled_at > self.cancel_grace_s:
+                        client.kill()  # the whole tree (or the ssh connection): nothing goes on computing
+                        raise RequestCancelled(f"the worker did not stop within {self.cancel_grace_s:g} s of the "
+                                               "cancel and was stopped; the next run starts a new one", "cancelled")
+        finally:
+            self._handle = None
+
+    def _send_volume(self, client, volume, progress: ProgressFn, cancel: threading.Event) -> str:
+        """Send the volume to the remote worker once (it keeps it); returns the ``upload:<key>`` reference."""
+        from decipher_mr.inference.transport import encode_volume, volume_key
+
+        key = volume_key(volume)
+        if key not in self._sent:
+            progress(0.0, f"Sending the volume to {self.target.label()}")
+            self._wait(client, client.submit("put_volume", {"key": key, "volume": encode_volume(volume)}), cancel)
+            self._sent.add(key)
+        return f"upload:{key}"
+
+    def _read(self, path):
         import os
 
         from decipher_mr.data.io import read_volume
+
+        if isinstance(path, dict):  # a map sent in-band by a remote worker
+            from decipher_mr.inference.transport import decode_volume
+
+            return decode_volume(path)
 
         try:
             return read_volume(path, allow_constant=True)
@@ -210,18 +279,18 @@ class WorkerEngine:
 
     # --- the calls the module makes ----------------------------------------------------------------
     def segment(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
-        answer = self._request("segment", {"volume": self._volume_file(volume)}, progress, cancel)
+        answer = self._request("segment", {}, progress, cancel, volume)
         return {"labels": self._read(answer["file"]), "label_names": list(answer.get("labels", []))}
 
     def anomaly(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
-        return self._heatmap(self._request("anomaly", {"volume": self._volume_file(volume)}, progress, cancel))
+        return self._heatmap(self._request("anomaly", {}, progress, cancel, volume))
 
     def ground(self, volume, text: str, progress: ProgressFn, cancel: threading.Event) -> dict:
-        return self._heatmap(self._request("ground", {"volume": self._volume_file(volume), "text": text}, progress, cancel))
+        return self._heatmap(self._request("ground", {"text": text}, progress, cancel, volume))
 
     def similar_reports(self, volume, progress: ProgressFn, cancel: threading.Event, k: int = 10) -> list:
-        params = {"volume": self._volume_file(volume), "index": self._need_index(), "k": int(k)}
-        return self._request("retrieve_reports", params, progress, cancel)["hits"]
+        params = {"index": self._need_index(), "k": int(k)}
+        return self._request("retrieve_reports", params, progress, cancel, volume)["hits"]
 
     def find_cases(self, text: str, progress: ProgressFn, cancel: threading.Event, k: int = 10) -> list:
         params = {"text": text, "index": self._need_index(), "k": int(k), "space": "image"}

@@ -39,14 +39,31 @@ class ModuleLogic:
         self._querySegmentations: dict[str, object] = {}  # input node id -> its queries' segmentation
 
     # --- configuration -------------------------------------------------------------------------
-    def configure(self, bundle: str, device: str = "auto", index: str | None = None) -> None:
-        """Choose the bundle, device and retrieval index; a change restarts the engine on next use."""
+    def configure(self, bundle: str, device: str = "auto", index: str | None = None, engine: str = "local",
+                  port: int | None = None, identity: str | None = None, remote_command: str | None = None) -> None:
+        """Choose the bundle, device, retrieval index and where the engine runs; a change restarts the
+        engine on next use.
+
+        ``engine`` is ``"local"`` (a worker process on this machine) or ``user@host`` (the worker started on a
+        GPU server through ssh; ``port``, ``identity`` (a private key file) and ``remote_command`` (default
+        ``decipher-mr``) as needed). For a remote engine, ``bundle`` and ``index`` are paths on the server.
+
+        >>> logic.configure("/srv/models/bundle.zip", device="cuda", engine="alice@gpu-server", identity="~/.ssh/id_ed25519")
+        """
+        from decipher_mr.inference.transport import EngineTarget
+
         if not bundle:
             raise ValueError("choose a model bundle (a folder or a .zip) first")
-        config = (str(bundle), device or "auto", index or None)
+        target = EngineTarget.parse(engine, port=port or None, identity=identity or None, remote_command=remote_command)
+        config = (str(bundle), device or "auto", index or None, target)
         if config != self._config:
             self.shutdown()
             self._config = config
+
+    @property
+    def remote(self) -> bool:
+        """True when the configured engine runs on another machine."""
+        return self._config is not None and self._config[3].remote
 
     def dependenciesReady(self) -> bool:
         """True when torch and decipher_mr can be imported (checked without importing them)."""
@@ -62,9 +79,25 @@ class ModuleLogic:
                 from .Engine import default_engine_factory
 
                 factory = default_engine_factory()
-            bundle, device, index = self._config
-            self._engine = factory(bundle, device=device, index=index)
+            bundle, device, index, target = self._config
+            if target.remote:  # only the worker engine can run elsewhere
+                from .Engine import WorkerEngine
+
+                self._engine = (factory if self._engine_factory is not None else WorkerEngine)(
+                    bundle, device=device, index=index, target=target)
+            else:
+                self._engine = factory(bundle, device=device, index=index)
         return self._engine
+
+    def engineInfo(self) -> dict:
+        """What the running engine loaded: bundle, name, fingerprint, device, gpu, host ({} before it runs)."""
+        info = getattr(self._engine, "info", None)
+        return info() if callable(info) else {}
+
+    def connect(self) -> None:
+        """Start (or reach) the engine and load the bundle, without running the model; the result is
+        :meth:`engineInfo`."""
+        self._start("connect", lambda e, p, c: e.connect(p, c), None)
 
     def shutdown(self) -> None:
         """Stop the engine (the worker process exits); the next run starts it again."""

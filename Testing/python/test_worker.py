@@ -51,7 +51,7 @@ def client(bundle, tmp_path_factory):
 
 
 def test_worker_announces_itself_with_the_bundle_and_heads(client):
-    assert client.info["type"] == "ready" and client.info["protocol"] == 1
+    assert client.info["type"] == "ready" and client.info["protocol"] == 2
     assert {"lobes", "lesion", "grounding", "lobe-boxes", "region"} <= set(client.info["heads"])
     assert client.request("ping") == {"pong": True}
 

@@ -31,6 +31,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 STDERR_LINES = 40
+PROTOCOL_VERSION = 2  # the worker protocol this client speaks (docs/worker-protocol.md); the worker's ready says its own
 KILL_WAIT_S = 5.0  # how long kill() waits for the killed processes to be gone
 
 # Win32 values (documented in the Windows API; ``subprocess`` defines these names only on Windows).
@@ -188,6 +189,10 @@ class WorkerCrashed(WorkerError):
     """The worker process ended while requests were outstanding (or before it was ready)."""
 
 
+class ProtocolMismatch(WorkerError):
+    """The worker speaks another protocol version than this client (a different decipher-mr version)."""
+
+
 class RequestHandle:
     """One submitted request: wait for it with :meth:`result`, stop it with :meth:`cancel`."""
 
@@ -221,14 +226,23 @@ class WorkerClient:
 
     ``command`` overrides how the worker is started (default: this Python, ``-m decipher_mr worker``).
     ``on_error`` receives errors that belong to no request (e.g. a line that was not JSON).
+    ``target`` (a :class:`~decipher_mr.inference.transport.EngineTarget` with a host) starts the worker on
+    that host through ``ssh``; its exit codes and messages then become plain explanations (host unreachable,
+    key refused, ``decipher-mr`` missing there, connection dropped).
     """
 
     def __init__(self, bundle: str | os.PathLike, device: str = "auto", out: str | None = None,
                  extra_args: Sequence[str] = (), python: str | None = None, command: Sequence[str] | None = None,
                  env: dict[str, str] | None = None, start_timeout: float = 300.0,
-                 on_error: Callable[[dict], None] | None = None):
+                 on_error: Callable[[dict], None] | None = None, target=None):
         args = ["--bundle", str(bundle), "--device", device, *(["--out", str(out)] if out else []), *extra_args]
-        self.command = list(command) if command else [python or sys.executable, "-m", "decipher_mr", "worker", *args]
+        self.target = target if target is not None and getattr(target, "remote", False) else None
+        if command:
+            self.command = list(command)
+        elif self.target is not None:
+            self.command = self.target.command(str(bundle), device, [*(["--out", str(out)] if out else []), *extra_args])
+        else:
+            self.command = [python or sys.executable, "-m", "decipher_mr", "worker", *args]
         self.env = env
         self.start_timeout = start_timeout
         self.on_error = on_error
@@ -265,7 +279,16 @@ class WorkerClient:
             raise WorkerCrashed(f"the DecipherMR worker did not become ready within {self.start_timeout:.0f} s"
                                 f"{self._stderr_tail()}")
         if self._fatal is not None or not self.info:
+            self.kill()
             raise WorkerCrashed(self._fatal or self._exit_message("before it was ready"))
+        theirs = self.info.get("protocol")
+        if theirs != PROTOCOL_VERSION:
+            self.kill()
+            where = f"on {self.target.label()}" if self.target is not None else "here"
+            raise ProtocolMismatch(
+                f"the DecipherMR engine {where} speaks worker protocol {theirs} (decipher-mr "
+                f"{self.info.get('version', 'before 0.1')}); this side speaks protocol {PROTOCOL_VERSION}: install the "
+                "same decipher-mr version on both machines", "protocol_mismatch")
         return self
 
     def __enter__(self) -> "WorkerClient":
@@ -389,8 +412,8 @@ class WorkerClient:
         kind = msg.get("type")
         if kind == "ready":
             self.info = msg
-            if self._tree is not None:
-                self._tree.remember(msg.get("pid"))
+            if self._tree is not None:  # a remote worker's pid is a process on another machine
+                self._tree.remember(None if self.target is not None else msg.get("pid"))
             self._ready.set()
             return
         if kind == "fatal":
@@ -436,6 +459,13 @@ class WorkerClient:
 
     def _exit_message(self, when: str) -> str:
         code = self.process.poll() if self.process is not None else None
+        if self.target is not None:
+            stderr_reader = self._threads[1] if len(self._threads) > 1 else None
+            if stderr_reader is not None and stderr_reader is not threading.current_thread():
+                stderr_reader.join(2.0)  # ssh's last words (refused key, unreachable host) come on stderr
+            explained = self.target.explain(code, list(self._stderr), bool(self.info), when)
+            if explained:
+                return explained
         how = "was not started" if self.process is None else (
             f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
         return f"the DecipherMR worker {how} {when}{self._stderr_tail()}"

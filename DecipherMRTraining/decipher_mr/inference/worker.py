@@ -34,12 +34,38 @@ from typing import Any, Callable
 
 from .errors import Cancelled, InferenceError
 
-PROTOCOL_VERSION = 1
+# 2: in-band volumes (put_volume, "upload:<key>" volumes) and results ("inline": true); ready says more.
+PROTOCOL_VERSION = 2
+UPLOADS_KEPT = 4  # volumes received in-band, most recent last (a few: the panel's open volumes)
 PROGRESS_INTERVAL_S = 0.1
 
 
 class BadRequest(ValueError):
     """A request the worker cannot act on (missing or wrong parameters, unknown method)."""
+
+
+class UnknownVolume(LookupError):
+    """An ``upload:<key>`` volume this worker does not hold (the client sends it again)."""
+
+
+def engine_facts(session) -> dict[str, Any]:
+    """What the panel shows about an engine besides the session: bundle name, host, GPU, package version."""
+    import socket
+
+    import decipher_mr
+
+    facts: dict[str, Any] = {"version": decipher_mr.__version__, "host": socket.gethostname(), "gpu": None}
+    config = getattr(getattr(session, "bundle", None), "config", None)
+    facts["name"] = config.get("name") if isinstance(config, dict) else None
+    device = str(getattr(session, "device", ""))
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        except Exception:  # a name is a courtesy: never fail the start-up for it
+            pass
+    return facts
 
 
 def _param(params: dict[str, Any], name: str, kind: type | tuple = str, default: Any = ...) -> Any:
@@ -60,8 +86,10 @@ class Worker:
     >>> Worker(Session.from_bundle("model.zip"), sys.stdin, protocol_stream).serve()
     """
 
-    def __init__(self, session, stdin: io.TextIOBase, stdout: io.TextIOBase, out: Path):
-        self.session, self.stdin, self.stdout, self.out = session, stdin, stdout, Path(out)
+    def __init__(self, session, stdin: io.TextIOBase, stdout: io.TextIOBase, out: Path | None):
+        self.session, self.stdin, self.stdout = session, stdin, stdout
+        self.out = Path(out) if out else None  # None: a temporary folder, made when a file is first written
+        self._uploads: dict[str, Any] = {}  # key -> Volume received in-band (put_volume)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
@@ -111,7 +139,8 @@ class Worker:
 
     # --- serving --------------------------------------------------------------------------------
     def serve(self) -> int:
-        self.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), **self.session.describe()})
+        self.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), **self.session.describe(),
+                   **engine_facts(self.session)})
         threading.Thread(target=self._read, name="worker-stdin", daemon=True).start()
         while True:
             req = self._queue.get()
@@ -136,6 +165,8 @@ class Worker:
                 self.send({"type": "result", "id": req["id"], "result": result})
             except Cancelled:
                 self.error(req["id"], "cancelled", "request cancelled")
+            except UnknownVolume as exc:
+                self.error(req["id"], "unknown_volume", str(exc))
             except BadRequest as exc:
                 self.error(req["id"], "bad_request", str(exc))
             except (InferenceError, ValueError, FileNotFoundError) as exc:
@@ -165,14 +196,53 @@ class Worker:
 
     # --- methods --------------------------------------------------------------------------------
     def _out(self, params: dict[str, Any]) -> Path:
+        if self.out is None and "out" not in params:
+            self.out = Path(tempfile.mkdtemp(prefix="decipher-mr-worker-"))
         out = Path(_param(params, "out", str, str(self.out)))
         out.mkdir(parents=True, exist_ok=True)
         return out
 
-    def handle(self, method: str, params: dict[str, Any], progress: Callable[[str, float], None]) -> dict[str, Any]:
-        """Run one request; returns the JSON-ready result."""
+    # --- transport: volumes and maps in-band (protocol 2) -----------------------------------------
+    def _put_volume(self, params: dict[str, Any]) -> dict[str, Any]:
+        from .transport import decode_volume, valid_key
+
+        key = _param(params, "key")
+        if not valid_key(key):
+            raise BadRequest("parameter 'key' must be 8-64 lowercase hex digits")
+        blob = _param(params, "volume", dict)
+        try:
+            volume = decode_volume(blob, name=str(params.get("name") or f"upload-{key[:8]}"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        self._uploads.pop(key, None)
+        self._uploads[key] = volume
+        while len(self._uploads) > UPLOADS_KEPT:
+            self._uploads.pop(next(iter(self._uploads)))
+        return {"volume": f"upload:{key}", "shape": list(volume.array.shape), "kept": len(self._uploads)}
+
+    def _volume(self, params: dict[str, Any]):
+        """The request's volume: a path on this machine, or ``upload:<key>`` of a volume sent in-band."""
+        volume = _param(params, "volume")
+        if volume.startswith("upload:"):
+            found = self._uploads.get(volume[len("upload:"):])
+            if found is None:
+                raise UnknownVolume(f"{volume}: no such volume here (sent to another worker, or dropped: send it again)")
+            self._uploads[volume[len("upload:"):]] = self._uploads.pop(volume[len("upload:"):])  # most recent last
+            return found
+        return volume
+
+    def _emit(self, params: dict[str, Any], volume, name: str, compress: bool) -> Any:
+        """A result map: written to a file (its path) or, with ``inline``, the map itself in-band."""
+        if _param(params, "inline", bool, False):
+            from .transport import encode_volume
+
+            return encode_volume(volume)
         from decipher_mr.data.volume import write_volume
 
+        return str(write_volume(volume, self._out(params) / name, compress))
+
+    def handle(self, method: str, params: dict[str, Any], progress: Callable[[str, float], None]) -> dict[str, Any]:
+        """Run one request; returns the JSON-ready result."""
         from .outputs import FORMATS, safe_name
 
         if not isinstance(params, dict):
@@ -181,16 +251,18 @@ class Worker:
         if method == "ping":
             return {"pong": True}
         if method == "info":
-            return {**s.describe(), "stats": dict(s.stats)}
+            return {**s.describe(), **engine_facts(s), "stats": dict(s.stats)}
+        if method == "put_volume":
+            return self._put_volume(params)
         if method == "search_text":
             hits = s.search_text(_param(params, "text"), _param(params, "index"), k=_param(params, "k", int, 10),
                                  space=_param(params, "space", str, "image"), exact=_param(params, "exact", bool, False))
             return {"hits": [h.summary(include_report=True) for h in hits]}
         methods = ("encode", "segment", "anomaly", "ground", "localize", "classify", "retrieve_reports", "retrieve_cases")
         if method not in methods:
-            raise BadRequest(f"unknown method {method!r}; methods: ping, info, {', '.join(methods)}, search_text, "
-                             "cancel, shutdown")
-        volume = _param(params, "volume")
+            raise BadRequest(f"unknown method {method!r}; methods: ping, info, put_volume, {', '.join(methods)}, "
+                             "search_text, cancel, shutdown")
+        volume = self._volume(params)
         head = _param(params, "head", str, None)
         fmt = _param(params, "format", str, "nii.gz")
         if fmt not in FORMATS:
@@ -206,13 +278,12 @@ class Worker:
             return {**base, "shape": list(enc.source.shape), "encode_seconds": round(enc.encode_seconds, 4)}
         if method == "segment":
             r = s.segment(volume, head, progress)
-            return {**base, **r.summary(), "file": str(write_volume(r.labels, self._out(params) / f"{stem}{suffix}", compress))}
+            return {**base, **r.summary(), "file": self._emit(params, r.labels, f"{stem}{suffix}", compress)}
         if method in ("anomaly", "ground"):
             r = (s.anomaly_map(volume, head, progress) if method == "anomaly"
                  else s.ground(volume, _param(params, "text"), head, progress))
-            out = self._out(params)
-            return {**base, **r.summary(), "file": str(write_volume(r.heatmap, out / f"{stem}{suffix}", compress)),
-                    "mask_file": str(write_volume(r.mask, out / f"{stem}-mask{suffix}", compress))}
+            return {**base, **r.summary(), "file": self._emit(params, r.heatmap, f"{stem}{suffix}", compress),
+                    "mask_file": self._emit(params, r.mask, f"{stem}-mask{suffix}", compress)}
         if method == "localize":
             return {**base, **s.localize(volume, head, progress, keep_heatmaps=False).summary()}
         if method == "classify":
@@ -253,5 +324,4 @@ def run_worker(bundle: str, device: str = "auto", out: str | None = None, max_to
         stream.write(json.dumps({"type": "fatal", "error": {"code": type(exc).__name__, "message": str(exc)}}) + "\n")
         stream.flush()
         return 2
-    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="decipher-mr-worker-"))
-    return Worker(session, stdin, stream, folder).serve()
+    return Worker(session, stdin, stream, Path(out) if out else None).serve()
