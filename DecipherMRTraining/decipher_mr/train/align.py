@@ -263,12 +263,14 @@ def parameters_without_gradient(towers: TowerForward, images: torch.Tensor, text
     with replay_rng(RngState(devices)), torch.enable_grad():
         outputs = towers(images, *text_inputs)
         stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-        seen: set[int] = set()
+        # the Python wrappers of autograd nodes are made on access and freed with their last reference,
+        # so an id() alone can be reused by another node: keep every visited wrapper alive
+        visited: dict[int, Any] = {}
         while stack:
             fn = stack.pop()
-            if fn is None or id(fn) in seen:
+            if fn is None or id(fn) in visited:
                 continue
-            seen.add(id(fn))
+            visited[id(fn)] = fn
             if hasattr(fn, "variable"):
                 reached.add(id(fn.variable))
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
@@ -287,9 +289,21 @@ def wrap_towers(model: ImageTextModel, ctx, probe_images: torch.Tensor, probe_te
     if not ctx.is_distributed:
         return towers
     ignore = parameters_without_gradient(towers, probe_images, probe_text)
+    trainable = [n for n, p in towers.named_parameters() if p.requires_grad]
+    find_unused = False
+    if trainable and len(ignore) == len(trainable):
+        # the probe reached none of them: the walk cannot see through this forward (a custom autograd
+        # function, say). DDP then finds unused parameters itself, at some cost per step.
+        _say(ctx, f"align: the probe forward reached none of the {len(trainable)} trainable tower parameters; "
+                  "DDP will search for unused parameters every step instead")
+        ignore, find_unused = [], True
+    elif ignore:
+        _say(ctx, f"align: DDP ignores {len(ignore)} of {len(trainable)} trainable parameters that the forward "
+                  f"never reaches ({', '.join(ignore[:4])}{', ...' if len(ignore) > 4 else ''})")
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, ignore)
     return torch.nn.parallel.DistributedDataParallel(
-        towers, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+        towers, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, broadcast_buffers=False,
+        find_unused_parameters=find_unused)
 
 
 def average_gradients(model: torch.nn.Module | Sequence[torch.nn.Parameter]) -> None:
