@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line summary). Order is the order of the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("demo_data", "build the offline demo corpus from real MRI (generated lesions and reports)"),
+    "manifest": ("manifest", "write the JSONL manifest from a BIDS dataset or a DICOM tree, with reports joined on a key"),
     "prepare": ("prepare", "preprocess a manifest's series once into a fast, resumable cache"),
     "pretrain-vision": ("pretrain_vision", "stage 1: DINOv2 + iBOT self-supervised pretraining of the 3D ViT"),
     "pretrain-text": ("pretrain_text", "stage 1: masked-language-model pretraining of the text encoder on reports"),
