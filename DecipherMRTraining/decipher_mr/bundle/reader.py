@@ -265,6 +265,13 @@ def load_bundle(path: str | os.PathLike, heads: Sequence[str] | None = None) -> 
             named = spec["config"].get("labels")
             if isinstance(named, list) and labels and "name" in labels[0] and [r["name"] for r in labels] != named:
                 raise BundleError(f"{shown(spec['labels'])}: label names differ from head {name!r}'s config")
+            if spec["task"] == "segment":  # codes, where the table has them, must parse (bundle/codes.py)
+                from .codes import CodeError, label_codes
+
+                try:
+                    label_codes(labels, shown(spec["labels"]))
+                except CodeError as exc:
+                    raise BundleError(str(exc)) from exc
             bundle.labels[name] = labels
     return bundle
 

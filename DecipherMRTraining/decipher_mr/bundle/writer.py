@@ -65,6 +65,10 @@ class HeadExport:
         if cfg is None or not hasattr(cfg, "to_dict") or not getattr(cfg, "task", ""):
             raise BundleError(f"head {name!r}: {type(head).__name__} has no head config (expected .config with a task)")
         rows = [{"index": i, "name": label} for i, label in enumerate(getattr(cfg, "labels", []) or [])]
+        if cfg.task == "segment":  # coded concepts per label (DICOM-SEG, Slicer terminology): bundle/codes.py
+            from .codes import with_codes
+
+            rows = with_codes(rows)
         return cls(name, cfg.task, cfg.to_dict(), head, rows, dict(metrics or {}))
 
 
