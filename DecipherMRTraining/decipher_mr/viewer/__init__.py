@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 MODULE_DIR_ENV = "DECIPHER_MR_SLICER_MODULE"
+VENDORED_DIR = Path(__file__).resolve().parent / "slicer_module"
 
 
 def module_dir_candidates() -> list[Path]:
@@ -26,11 +27,14 @@ def module_dir_candidates() -> list[Path]:
 
     1. the folder named by ``$DECIPHER_MR_SLICER_MODULE`` (the module folder, the one holding
        ``DecipherMR.py``);
-    2. ``DecipherMR/`` of the source checkout this package is installed from (``pip install -e``).
+    2. ``slicer_module/`` beside this file: the copy a wheel carries (``setup.py`` puts it there when the
+       wheel is built from a checkout), so ``pip install decipher_mr-*.whl`` on a server is complete;
+    3. ``DecipherMR/`` of the source checkout this package is installed from (``pip install -e``).
     """
     found = []
     if os.environ.get(MODULE_DIR_ENV):
         found.append(Path(os.environ[MODULE_DIR_ENV]).expanduser())
+    found.append(VENDORED_DIR)
     found.append(Path(__file__).resolve().parents[3] / "DecipherMR")
     return found
 
