@@ -149,7 +149,7 @@ def _counts(counter) -> str:
 
 def _relative(row: dict, base: Path) -> dict:
     row = dict(row)
-    for key in ("image", "report", "mask"):
+    for key in ("image", "report", "mask", "source_folder"):
         if row.get(key):
             row[key] = os.path.relpath(row[key], base)
     json.dumps(row)  # every value must be JSON (pybids entity values are plain types)

@@ -203,6 +203,7 @@ def _convert_rows(result: ScanResult, out: Path | None) -> None:
             keep.append(row)
             continue
         try:
+            row["source_folder"] = row["image"]
             row["image"] = str(convert_series(row, spread or [], out))
             keep.append(row)
         except RuntimeError as exc:

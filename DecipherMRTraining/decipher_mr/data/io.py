@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -159,7 +160,15 @@ def write_dicom_series(
         "0008|103e": description,
         "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
         "0018|0050": f"{img.GetSpacing()[2]:.6f}",
+        "0018|5100": "HFS",
     }
+    # One date and time for the whole series (left to ITK, each slice gets its own clock time, and
+    # dcm2niix then splits the series slice by slice).
+    now = time.strftime("%Y%m%d %H%M%S").split()
+    for tag in ("0008|0020", "0008|0021"):
+        tags[tag] = now[0]
+    for tag in ("0008|0030", "0008|0031"):
+        tags[tag] = now[1]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(img.GetSize()[2]):

@@ -87,7 +87,7 @@ def reports_beside(result: ScanResult) -> int:
     root = Path(result.root)
     n = 0
     for row in result.rows:
-        image = Path(row["image"])
+        image = Path(row.get("source_folder") or row["image"])  # a converted series: its DICOM folder
         folder = image if image.is_dir() else image.parent
         while True:
             names = BESIDE_NAMES + (f"{row.get('study_id')}.txt", f"{row.get('study_id')}_report.txt")
