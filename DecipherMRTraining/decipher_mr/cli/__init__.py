@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "evaluate retrieval, zero-shot classification and heads"),
     "export": ("export", "pack encoder, text tower, projections and heads into one verified model bundle"),
     "verify": ("verify", "check a model bundle (checksums, format, safe weights) and print what it holds"),
-    "infer": ("infer", "run a bundle on one volume: segmentation, anomaly, localization, text grounding"),
+    "infer": ("infer", "run a bundle on one volume or a batch (manifest, BIDS, folder): segmentation, anomaly, localization, text grounding"),
     "worker": ("worker", "keep a bundle loaded and answer JSON-lines requests on stdin/stdout"),
     "index": ("index", "build and search a retrieval index of image and report embeddings"),
     "view": ("view", "open volumes in a web browser on Slicer's scene, with the DecipherMR panel (trame-slicer)"),
