@@ -128,11 +128,13 @@ class WorkerEngine:
     >>> result = engine.ground(volume, "left frontal lobe", progress=lambda f, m: None, cancel=threading.Event())
 
     ``cancel_grace_s``: how long a cancelled request may take to answer before the worker's whole
-    process tree is killed.
+    process tree is killed. ``target``: an ``EngineTarget`` with a host runs the worker there through
+    ssh; each distinct volume is then sent once (the worker keeps the last few) and maps come back
+    in-band, exactly or, with ``map_precision="float16"``, as float16.
     """
 
     def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None,
-                 cancel_grace_s: float = CANCEL_GRACE_S, target=None) -> None:
+                 cancel_grace_s: float = CANCEL_GRACE_S, target=None, map_precision: str = "exact") -> None:
         import tempfile
         from pathlib import Path
 
@@ -140,6 +142,7 @@ class WorkerEngine:
         self.python = python
         self.target = target if target is not None and getattr(target, "remote", False) else None
         self._sent: set[str] = set()  # volume keys the current remote worker holds
+        self.map_precision = map_precision  # remote maps: "exact", or "float16" (smaller, error <= 2.4e-4)
         self.cancel_grace_s = float(cancel_grace_s)
         self.folder = Path(tempfile.mkdtemp(prefix="decipher-mr-slicer-"))
         self._client = None
@@ -212,7 +215,7 @@ class WorkerEngine:
             for attempt in (0, 1):
                 ref = self._send_volume(client, volume, progress, cancel)
                 try:
-                    return self._wait(client, client.submit(method, {**params, "volume": ref, "inline": True}, on_progress),
+                    return self._wait(client, client.submit(method, {**params, "volume": ref, "inline": self.map_precision}, on_progress),
                                       cancel)
                 except WorkerError as exc:  # the worker dropped it (it keeps a few): send it again, once
                     if exc.code != "unknown_volume" or attempt:

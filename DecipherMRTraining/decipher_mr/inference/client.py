@@ -19,6 +19,7 @@ whole process tree (psutil when installed, else the worker's own process group o
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import json
 import os
@@ -397,7 +398,9 @@ class WorkerClient:
     # --- reading --------------------------------------------------------------------------------
     def _read_stdout(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        for raw in self.process.stdout:
+        # buffered: an unbuffered pipe's readline reads one byte per system call, far too slow for the
+        # megabytes of an in-band map (protocol 2)
+        for raw in io.BufferedReader(self.process.stdout, buffer_size=1 << 20):
             try:
                 msg = json.loads(raw.decode("utf-8", errors="replace"))
             except json.JSONDecodeError:

@@ -168,8 +168,10 @@ class EngineTarget:
 
 
 def encode_array(array: np.ndarray, level: int = ZLIB_LEVEL) -> dict[str, Any]:
-    """A JSON-ready blob: ``{"encoding": "zlib+base64", "dtype": "<f4", "shape": [...], "data": "..."}``
-    (C order, little-endian dtype string as numpy writes it).
+    """A JSON-ready blob: ``{"encoding": "zlib+base64", "dtype": "<f4", "shape": [...], "shuffle": true,
+    "data": "..."}`` (C order, little-endian dtype string as numpy writes it). ``shuffle``: the bytes were
+    grouped by significance before compression (byte 0 of every value, then byte 1, ...), which makes
+    smooth float maps compress better and faster; lossless.
 
     >>> decode_array(encode_array(np.arange(6, dtype=np.int16).reshape(2, 3))).shape
     (2, 3)
@@ -179,8 +181,11 @@ def encode_array(array: np.ndarray, level: int = ZLIB_LEVEL) -> dict[str, Any]:
         array = array.astype(np.uint8)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    data = base64.b64encode(zlib.compress(array.tobytes(), level)).decode("ascii")
-    return {"encoding": BLOB_ENCODING, "dtype": array.dtype.str, "shape": list(array.shape), "data": data}
+    shuffle = array.dtype.itemsize > 1
+    raw = array.reshape(-1).view(np.uint8).reshape(-1, array.dtype.itemsize).T.tobytes() if shuffle else array.tobytes()
+    data = base64.b64encode(zlib.compress(raw, level)).decode("ascii")
+    return {"encoding": BLOB_ENCODING, "dtype": array.dtype.str, "shape": list(array.shape), "shuffle": shuffle,
+            "data": data}
 
 
 def decode_array(blob: dict[str, Any]) -> np.ndarray:
@@ -195,16 +200,22 @@ def decode_array(blob: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"an in-band array could not be decoded: {exc}") from exc
     if dtype.hasobject or len(shape) > 4 or int(np.prod(shape)) * dtype.itemsize != len(raw):
         raise ValueError(f"an in-band array's data does not match its dtype {dtype} and shape {shape}")
+    if blob.get("shuffle") and dtype.itemsize > 1:
+        raw = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, -1).T.tobytes()
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def encode_volume(volume, level: int = ZLIB_LEVEL) -> dict[str, Any]:
-    """A volume (array + LPS geometry) as a JSON-ready blob.
+def encode_volume(volume, level: int = ZLIB_LEVEL, precision: str = "exact") -> dict[str, Any]:
+    """A volume (array + LPS geometry) as a JSON-ready blob; ``precision="float16"`` sends a floating-point
+    map as float16 (about 3x smaller and faster; error at most 2.4e-4 on a map in [0, 1]).
 
     >>> decode_volume(encode_volume(vol)).spacing == vol.spacing
     True
     """
-    return {**encode_array(volume.array, level), "spacing": [float(s) for s in volume.spacing],
+    array = np.asarray(volume.array)
+    if precision == "float16" and array.dtype.kind == "f":
+        array = array.astype(np.float16)
+    return {**encode_array(array, level), "spacing": [float(s) for s in volume.spacing],
             "origin": [float(o) for o in volume.origin],
             "direction": np.asarray(volume.direction, dtype=np.float64).tolist()}
 
@@ -213,7 +224,8 @@ def decode_volume(blob: dict[str, Any], name: str | None = None):
     """The ``Volume`` an :func:`encode_volume` blob holds (its array is writable)."""
     from decipher_mr.data.volume import Volume
 
-    array = decode_array(blob).copy()
+    array = decode_array(blob)
+    array = array.astype(np.float32) if array.dtype == np.float16 else array.copy()
     if array.ndim != 3:
         raise ValueError(f"an in-band volume must be 3D, got shape {array.shape}")
     try:

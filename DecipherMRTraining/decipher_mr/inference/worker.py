@@ -233,10 +233,13 @@ class Worker:
 
     def _emit(self, params: dict[str, Any], volume, name: str, compress: bool) -> Any:
         """A result map: written to a file (its path) or, with ``inline``, the map itself in-band."""
-        if _param(params, "inline", bool, False):
+        inline = params.get("inline", False)
+        if inline not in (False, True, "exact", "float16"):
+            raise BadRequest("parameter 'inline' must be true, false, 'exact' or 'float16'")
+        if inline:
             from .transport import encode_volume
 
-            return encode_volume(volume)
+            return encode_volume(volume, precision="float16" if inline == "float16" else "exact")
         from decipher_mr.data.volume import write_volume
 
         return str(write_volume(volume, self._out(params) / name, compress))
