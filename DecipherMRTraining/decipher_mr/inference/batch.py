@@ -86,9 +86,7 @@ def _unique_id(base: str, seen: set[str]) -> str:
 def input_kind(path: str | os.PathLike) -> str:
     """``volume``, ``manifest``, ``bids`` or ``folder`` for what ``decipher-mr infer`` was given."""
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such file or folder")
-    if p.is_file():
+    if not p.exists() or p.is_file():  # a missing path: read_volume says so in its own words
         return "manifest" if p.name.lower().endswith((".jsonl", ".ndjson")) else "volume"
     if (p / "dataset_description.json").is_file():
         return "bids"
@@ -244,6 +242,8 @@ def run_batch(session, inputs: BatchInputs, out: str | os.PathLike, tasks: Seque
             say(msg)
         elif progress:
             bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     rows: list[dict[str, Any]] = []
     counts = {"ok": 0, "skipped": 0, "failed": 0}
