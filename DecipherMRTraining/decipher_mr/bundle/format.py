@@ -21,7 +21,8 @@ A bundle is one folder, or a zip of that folder, that holds everything inference
                       "position_grid": {"grid", "resize", "align_corners", "padding"}, "weights"}
     preprocess       the PreprocessConfig (spacing, intensity clipping and scaling, cropping)
     orientation      "RAS" -- prepared arrays and model inputs are RAS+ voxel axes
-    alignment        null, or {"embed_dim", "image_pooling", "weights", "logit_scale_max"}
+    alignment        null, or {"embed_dim", "image_pooling", "image_view", "weights", "logit_scale_max"}
+                     (image_view: the view the image embedding embeds, decipher_mr.data.views; null = pooled tokens)
     text             null, or {"folder": "text", "tokenizer": "text", "pooling", "max_length",
                       "hidden_size", "source"}
     heads            {name: {"task", "config", "weights", "labels"}}

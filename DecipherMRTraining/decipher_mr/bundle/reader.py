@@ -289,6 +289,7 @@ def _load_aligned(folder: Path, config: dict[str, Any], vision: nn.Module, shown
     text = TextTower(backbone, tokenizer, pooling=text_cfg["pooling"], max_length=text_cfg["max_length"],
                      source=text_cfg.get("source"))
     model = ImageTextModel(vision, text, embed_dim=int(align["embed_dim"]))
+    model.image_view = align.get("image_view")
     _load_weights(model, folder / align["weights"], shown(align["weights"]),
                   strict_prefixes=("image_proj", "text_proj", "logit_scale"))
     return model.eval(), text_dir

@@ -176,6 +176,7 @@ def stage_bundle(
         config["alignment"] = {
             "embed_dim": int(model.embed_dim),
             "image_pooling": record.get("image_pooling"),
+            "image_view": record.get("image_view"),
             "logit_scale_max": record.get("logit_scale_max"),
             "weights": fmt.PROJECTION_WEIGHTS,
         }

@@ -1,9 +1,13 @@
-"""Organ-aware batches for contrastive alignment: every batch comes from one body region.
+"""Organ-aware batches for contrastive alignment, with a share of mixed-region batches.
 
 A CLIP batch that mixes a knee with a brain is solved by the body region alone; a batch of brains
-forces the model to tell lesions, sides and sequences apart. :class:`RegionBatchSampler` therefore
-builds each *global* batch from one region (or one configured group of regions) and hands every
-rank its contiguous share of the same global batch, so the gathered loss sees exactly that batch.
+forces the model to tell lesions, sides and sequences apart. But a model that only ever sees
+one-region batches never has to tell a brain from a knee: the region is then missing from the shared
+space (measured on the demo: zero-shot body region at chance, every volume finding the same knee
+reports). :class:`RegionBatchSampler` therefore builds each *global* batch from one region (or one
+configured group of regions), except for a ``mixed_fraction`` of each epoch's items, which go into
+batches drawn across all regions. Every rank gets its contiguous share of the same global batch, so
+the gathered loss sees exactly that batch.
 
 The order is a pure function of ``(seed, epoch)``: every rank computes the same list without
 talking to the others, and a resumed run restarts at the saved batch, not at the epoch's start.
@@ -25,7 +29,9 @@ class RegionBatchSampler:
     The last, short batch of a region is kept (every item is seen once per epoch) and padded with
     items of the same region up to a multiple of ``world_size`` and at least ``min_batch`` items,
     so all ranks gather equal shapes and no batch has a single pair (a loss of zero). Regions with
-    fewer than ``min_batch`` items share one ``"mixed"`` group.
+    fewer than ``min_batch`` items share one ``"mixed"`` group. ``mixed_fraction`` (0 to 1) of every
+    region's items (the same count each epoch, different items) go into batches across all regions:
+    0 is purely organ-aware, 1 purely random.
 
     >>> sampler = RegionBatchSampler(["brain", "knee", "brain"], batch_size=2, seed=0)
     >>> for batch in sampler.epoch_batches(0): ...
@@ -41,6 +47,7 @@ class RegionBatchSampler:
         groups: Sequence[Sequence[str]] | None = None,
         min_batch: int = 2,
         shuffle: bool = True,
+        mixed_fraction: float = 0.0,
     ):
         if batch_size % world_size:
             raise ValueError(f"global batch size {batch_size} is not a multiple of the world size {world_size}")
@@ -50,6 +57,9 @@ class RegionBatchSampler:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.min_batch, self.shuffle = max(min_batch, world_size), shuffle
+        if not 0.0 <= float(mixed_fraction) <= 1.0:
+            raise ValueError(f"mixed_fraction must be between 0 and 1, not {mixed_fraction}")
+        self.mixed_fraction = float(mixed_fraction)
         group_of = {r: "+".join(sorted(g)) for g in (groups or []) for r in g}
         self.members: dict[str, np.ndarray] = {}
         names = [group_of.get(r or "unknown", r or "unknown") for r in regions]
@@ -74,12 +84,26 @@ class RegionBatchSampler:
             batches[-1] = np.concatenate([last, filler])
         return batches
 
+    def _mixed_count(self, n: int) -> int:
+        """How many of a region's ``n`` items go to mixed batches each epoch."""
+        return int(round(self.mixed_fraction * n))
+
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """Every global batch of ``epoch`` in order (identical on all ranks)."""
         rng = np.random.default_rng([self.seed, epoch])
         batches: list[np.ndarray] = []
+        pool: list[np.ndarray] = []
         for name in sorted(self.members):
-            batches += self._region_batches(self.members[name], rng)
+            idx = self.members[name]
+            m = self._mixed_count(len(idx))
+            if m:
+                perm = rng.permutation(idx) if self.shuffle else idx
+                pool.append(perm[:m])
+                idx = np.sort(perm[m:])
+            if len(idx):
+                batches += self._region_batches(idx, rng)
+        if pool:
+            batches += self._region_batches(np.concatenate(pool), rng)
         if self.shuffle:
             order = rng.permutation(len(batches))
             batches = [batches[n] for n in order]
@@ -92,7 +116,9 @@ class RegionBatchSampler:
             yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
     def batches_per_epoch(self) -> int:
-        return sum(-(-len(m) // self.batch_size) for m in self.members.values())
+        mixed = [self._mixed_count(len(m)) for m in self.members.values()]
+        own = sum(-(-(len(m) - k) // self.batch_size) for m, k in zip(self.members.values(), mixed))
+        return own + -(-sum(mixed) // self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch()

@@ -197,7 +197,12 @@ class Session:
 
     def image_embedding(self, volume: Volume | str | os.PathLike | EncodedVolume,
                         progress: ProgressFn | None = None) -> torch.Tensor:
-        """The unit-norm 512-d image embedding (from the cached tokens: no extra encoder pass).
+        """The unit-norm 512-d image embedding of the view the model was aligned on.
+
+        The bundle records that view (``image_view``, :mod:`decipher_mr.data.views`); it is cut from
+        the prepared array and embedded exactly as stage 2 trained and ``evaluate retrieval``
+        measures it (one small encoder pass, cached with the encoding). Bundles without it (older
+        ones) pool the whole volume's cached tokens.
 
         >>> s.image_embedding("t1.nii.gz").shape
         torch.Size([512])
@@ -205,10 +210,43 @@ class Session:
         enc = volume if isinstance(volume, EncodedVolume) else self.encode(volume, progress)
         if enc.image_embedding is None:
             model = self._aligned("image embeddings")
-            with torch.inference_mode():
-                pooled = torch.cat([enc.cls, enc.patch_tokens.mean(0)])[None].to(self.device)
-                enc.image_embedding = model.project_image(pooled)[0].float().cpu()
+            if getattr(model, "image_view", None):
+                enc.image_embedding = self._view_embedding(enc.prepared, enc.record.grid_spacing, model.image_view,
+                                                           model.encode_image)
+            else:
+                with torch.inference_mode():
+                    pooled = torch.cat([enc.cls, enc.patch_tokens.mean(0)])[None].to(self.device)
+                    enc.image_embedding = model.project_image(pooled)[0].float().cpu()
         return enc.image_embedding
+
+    def _view_embedding(self, prepared: np.ndarray, spacing, view: dict[str, Any], embed) -> torch.Tensor:
+        """``embed`` of the deterministic image view of a prepared array, float32 on the CPU."""
+        from decipher_mr.data.views import image_view
+
+        x = torch.from_numpy(image_view(prepared, spacing, view))[None, None].to(self.device)
+        with torch.inference_mode(), self._autocast(), single_thread(self.device):
+            out = embed(x)[0].float().cpu()
+        self.stats["view_passes"] = self.stats.get("view_passes", 0) + 1
+        return out
+
+    def image_features(self, volume: Volume | str | os.PathLike, view: dict[str, Any] | None = None) -> torch.Tensor:
+        """Frozen-encoder features of a volume (``cls ⊕ mean(patch tokens)`` of its image view, before any
+        projection): what the probes of ``decipher-mr evaluate probes`` fit on. ``view`` defaults to the
+        bundle's aligned view, else :data:`decipher_mr.data.views.DEFAULT_VIEW`. No dense encoding.
+
+        >>> s.image_features("t1.nii.gz").shape          # (2 * width,)
+        """
+        from decipher_mr.data.views import DEFAULT_VIEW
+
+        vol = as_volume(volume)
+        prepared, record = preprocess_volume(vol, self.bundle.preprocess)
+        view = view or getattr(self.model, "image_view", None) or DEFAULT_VIEW
+
+        def pooled(x: torch.Tensor) -> torch.Tensor:
+            out = self.vision(x)
+            return torch.cat([out.cls, out.patch_tokens.mean(1)], dim=-1)
+
+        return self._view_embedding(prepared, record.grid_spacing, view, pooled)
 
     def _aligned(self, what: str):
         if self.model is None:

@@ -93,6 +93,9 @@ class ImageTextModel(nn.Module):
         nn.init.normal_(self.image_proj.weight, std=(2 * width) ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text.hidden_size**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / INIT_TEMPERATURE)))
+        # the image view the projection was trained on (decipher_mr.data.views): the served embedding
+        # embeds the same view; None (older models) pools the whole volume's tokens instead
+        self.image_view: dict[str, Any] | None = None
 
     # -- image side
     def image_pooled(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -196,6 +199,7 @@ def model_record(model: ImageTextModel) -> dict[str, Any]:
             "config": model.text.backbone.config.to_dict(),
         },
         "image_pooling": "cls+mean_patch",
+        "image_view": model.image_view,
         "logit_scale_max": MAX_LOGIT_SCALE,
     }
 
@@ -254,6 +258,7 @@ def load_image_text_model(path: str | Any) -> ImageTextModel:
     text = TextTower(backbone, tokenizer, pooling=record["text"]["pooling"], max_length=record["text"]["max_length"],
                      source=record["text"].get("source"))
     model = ImageTextModel(vision, text, embed_dim=int(record["embed_dim"]))
+    model.image_view = record.get("image_view")
     weights_path = folder / "clip.safetensors"
     if not weights_path.exists():
         raise AlignedModelError(f"{weights_path}: missing")

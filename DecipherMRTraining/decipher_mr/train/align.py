@@ -52,6 +52,7 @@ from decipher_mr.models.clip import (
 from decipher_mr.models.text import TextTower, pad_token_ids, tokenize_reports
 from decipher_mr.models.vit3d import precision_context, resolve_precision
 from decipher_mr.train import checkpoint as ckpt
+from decipher_mr.data.views import check_view
 from decipher_mr.train.align_views import AlignBatches, augment_intensity, fit_volume, image_batch  # noqa: F401 (re-exported)
 from decipher_mr.train.clip_loss import ClipLoss
 from decipher_mr.train.distributed import all_reduce_mean, barrier, run_distributed
@@ -68,7 +69,8 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "vision_trainable": "all",
     "text_trainable": "all",
     "embed_dim": 512,
-    "image": {"size": [64, 64, 64], "mode": "crop", "augment": True},
+    # the image view (decipher_mr.data.views), recorded in the model: the served embedding embeds it too
+    "image": {"size": [64, 64, 64], "mode": "fit", "augment": True},
     "batch_size": 16,
     "chunks": 1,
     "iterations": 200,
@@ -78,6 +80,9 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.05,
     "text_lr_scale": 0.1,
     "region_groups": None,
+    # share of each epoch's items batched across body regions (the rest: one region per batch); see
+    # decipher_mr.data.sampling. 0 never contrasts a brain with a knee, 1 is plain random batches.
+    "mixed_fraction": 0.5,
     "seed": 0,
     "checkpoint_every": 50,
     "keep_checkpoints": 2,
@@ -102,6 +107,7 @@ def build_model(cfg: dict[str, Any]) -> ImageTextModel:
     model = ImageTextModel(build_vision_from_spec(cfg["vision"], run_loader=teacher_backbone_from_run), TextTower.from_spec(text_spec),
                            embed_dim=int(cfg["embed_dim"]))
     model.set_trainable(cfg["vision_trainable"], cfg["text_trainable"])
+    model.image_view = check_view(cfg["image"])
     return model
 
 
@@ -419,7 +425,8 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
     text = TextSide(model, reports, ctx.device, precompute=tower_is_frozen(model.text),
                     progress=ctx.is_main and cfg.get("progress", True))
     sampler = RegionBatchSampler([cache.items[i].body_region for i in train_idx], int(cfg["batch_size"]), seed=seed,
-                                 rank=ctx.rank, world_size=ctx.world_size, groups=cfg.get("region_groups"))
+                                 rank=ctx.rank, world_size=ctx.world_size, groups=cfg.get("region_groups"),
+                                 mixed_fraction=float(cfg.get("mixed_fraction", 0.0)))
     iterations = int(cfg["iterations"])
     sched = TrainingSchedules.build(iterations, lr=float(cfg["lr"]), min_lr=float(cfg["min_lr"]),
                                     warmup_iterations=int(cfg["warmup_iterations"]),
@@ -440,7 +447,8 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
         start = int(state["iteration"])
         _say(ctx, f"align: resumed from {latest} at iteration {start}")
     _say(ctx, f"align: {len(train_idx)} training pairs in {len(sampler.members)} region group(s) "
-              f"({', '.join(sorted(sampler.members))}), {sampler.batches_per_epoch()} batches/epoch, "
+              f"({', '.join(sorted(sampler.members))}, {sampler.mixed_fraction:.0%} of items in mixed-region batches), "
+              f"{sampler.batches_per_epoch()} batches/epoch, "
               f"global batch {cfg['batch_size']} in {cfg['chunks']} chunk(s), world size {ctx.world_size}, "
               f"vision {cfg['vision_trainable']}, text {cfg['text_trainable']}"
               f"{' (text features precomputed)' if text.pooled is not None else ''}")

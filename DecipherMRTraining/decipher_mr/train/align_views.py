@@ -1,7 +1,7 @@
-"""Stage-2 image views: the crop (or stage-1 global view) of each prepared volume, its intensity jitter,
+"""Stage-2 image views (:mod:`decipher_mr.data.views`: the view the served embedding uses), their intensity jitter,
 and the per-iteration batches that DataLoader workers build for :func:`decipher_mr.train.align.train_align`.
 
->>> images = image_batch(cache, [0, 1], {"size": [64, 64, 64], "mode": "crop"}, rng=None)
+>>> images = image_batch(cache, [0, 1], {"size": [64, 64, 64], "mode": "fit"}, rng=None)
 """
 
 from __future__ import annotations
@@ -11,36 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from decipher_mr.data.cache import PreparedCache
 from decipher_mr.data.sampling import RegionBatchSampler
-from decipher_mr.train.ssl.multicrop import global_view
-
-
-def fit_volume(array: np.ndarray, size: Sequence[int], mode: str = "crop", rng: np.random.Generator | None = None) -> np.ndarray:
-    """A ``size`` view of a prepared array: zero-pad then crop (random with ``rng``, else centred),
-    or with ``mode="resize"`` a trilinear resize of the whole volume. (``image.mode="view"`` in a config
-    uses :func:`decipher_mr.train.ssl.multicrop.global_view` instead: a stage-1 global crop's geometry.)
-
-    >>> fit_volume(cache.load(0), (64, 64, 64))            # centred crop, float32
-    """
-    size = tuple(int(s) for s in size)
-    if mode == "resize":
-        t = torch.from_numpy(np.array(array, dtype=np.float32))[None, None]  # a copy: cache arrays are read-only maps
-        return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-    if mode != "crop":
-        raise ValueError(f"image mode must be 'crop' or 'resize', not {mode!r}")
-    arr = np.asarray(array, dtype=np.float32)
-    pad = [(max(0, s - a) // 2, max(0, s - a) - max(0, s - a) // 2) for a, s in zip(arr.shape, size)]
-    if any(p for pair in pad for p in pair):
-        arr = np.pad(arr, pad, mode="constant")
-    starts = []
-    for a, s in zip(arr.shape, size):
-        room = a - s
-        starts.append(int(rng.integers(0, room + 1)) if rng is not None and room > 0 else room // 2)
-    sl = tuple(slice(b, b + s) for b, s in zip(starts, size))
-    return np.ascontiguousarray(arr[sl])
+from decipher_mr.data.views import fit_volume, image_view  # noqa: F401 (fit_volume re-exported)
 
 
 def augment_intensity(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -68,10 +42,8 @@ def image_batch(cache: PreparedCache, indices: Sequence[int], image_cfg: dict[st
             arr = cache.load(i)
         except Exception as exc:  # a damaged item should name itself, not crash anonymously
             raise RuntimeError(f"{cache.root / cache.items[i].array}: cannot read item {cache.items[i].id} ({exc})") from exc
-        if image_cfg.get("mode", "crop") == "view":  # the geometry of a stage-1 global crop (mm extents)
-            v = global_view(arr, cache.items[i].spacing, size, image_cfg.get("mm"), rng)
-        else:
-            v = fit_volume(arr, size, image_cfg.get("mode", "crop"), rng)
+        # the same view the served embedding uses (Session.image_embedding), randomised by ``rng``
+        v = image_view(arr, cache.items[i].spacing, image_cfg, rng)
         if rng is not None and image_cfg.get("augment", True):
             v = augment_intensity(v, rng)
         out[n, 0] = torch.from_numpy(v)  # cast to ``dtype`` while copying
