@@ -34,11 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--image-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="image view size (default: the one the model was aligned with)")
     r.add_argument("--no-progress", action="store_true")
-    h = sub.add_parser("heads", help="held-out metrics of trained task heads vs. trivial baselines (+ SegResNet for segment)")
-    h.add_argument("--run", required=True, nargs="+", help="train-head run folder(s); --fraction runs give the low-data curve")
-    h.add_argument("--cache", required=True, help="prepared cache folder")
-    h.add_argument("--split", default="test", nargs="+", help="split(s) to evaluate (default: test)")
-    h.add_argument("--out", help="folder for heads.json/.md and figures (default: FIRST_RUN/eval-heads)")
+    h = sub.add_parser("heads", help="task heads of an exported bundle through Session on a manifest, with 95%% "
+                       "bootstrap intervals (--bundle); or train-head runs on the prepared cache (--run)")
+    h.add_argument("--bundle", help="exported model bundle (folder or zip): evaluate what users run (Session)")
+    h.add_argument("--manifest", help="manifest (JSONL) with image, mask, regions, labels, study_id (with --bundle)")
+    h.add_argument("--device", default="auto", help="device for --bundle (default: auto)")
+    h.add_argument("--query", default="{words} in the {location}",
+                   help="grounding query template from lesion metadata (default: '{words} in the {location}')")
+    h.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws by study (default: 1000)")
+    h.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    h.add_argument("--run", nargs="+", help="train-head run folder(s) (training view; --fraction runs give the low-data curve)")
+    h.add_argument("--cache", help="prepared cache folder (with --run)")
+    h.add_argument("--split", default=["test"], nargs="+", help="split(s) to evaluate, or 'all' with --bundle (default: test)")
+    h.add_argument("--out", help="folder for heads.json/.md (default: BUNDLE_FOLDER/eval-heads or FIRST_RUN/eval-heads)")
+    h.add_argument("--no-progress", action="store_true")
     h.add_argument("--baseline-budget", type=float, help="seconds for the SegResNet baseline (default: the head's training time)")
     h.add_argument("--no-baseline", action="store_true", help="skip the SegResNet comparison")
 

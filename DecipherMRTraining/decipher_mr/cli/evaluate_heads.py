@@ -17,6 +17,52 @@ def _s(v, unit: str = "") -> str:
 
 
 def run_heads(args: argparse.Namespace) -> int:
+    """``--bundle``: through Session on a manifest (what users run); ``--run``: train-head runs on the cache."""
+    if getattr(args, "bundle", None):
+        return run_heads_bundle(args)
+    if not getattr(args, "run", None) or not getattr(args, "cache", None):
+        print("evaluate heads: give --bundle BUNDLE --manifest MANIFEST (the served path), or --run RUN... --cache CACHE",
+              file=sys.stderr)
+        return 2
+    return run_heads_runs(args)
+
+
+def run_heads_bundle(args: argparse.Namespace) -> int:
+    """Load the bundle into a Session, evaluate its heads on the manifest split, print the table, write reports."""
+    from decipher_mr.bundle import BundleError
+    from decipher_mr.data.manifest import ManifestError
+    from decipher_mr.eval import stats
+    from decipher_mr.eval.heads_session import (evaluate_heads_session, print_progress, summary_rows,
+                                                write_heads_session_report)
+    from decipher_mr.inference import InferenceError, Session
+
+    if not args.manifest:
+        print("evaluate heads: --bundle needs --manifest MANIFEST.jsonl", file=sys.stderr)
+        return 2
+    splits = args.split if isinstance(args.split, list) else [args.split]
+    try:
+        session = Session.from_bundle(args.bundle, device=args.device)
+        result = evaluate_heads_session(session, args.manifest, splits, template=args.query, n_boot=args.bootstrap,
+                                        seed=args.seed, progress=None if args.no_progress else print_progress)
+    except (BundleError, ManifestError, InferenceError, FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"evaluate heads: error: {exc}", file=sys.stderr)
+        return 2
+    bundle = Path(args.bundle)
+    out = Path(args.out) if args.out else (bundle if bundle.is_dir() else bundle.parent) / "eval-heads"
+    js, md = write_heads_session_report(result, out)
+    print(f"{result['evaluated']} of {result['rows']} rows of split {'/'.join(splits)} evaluated through Session "
+          f"({result['session_stats'].get('encoder_passes', 0)} encoder passes); {len(result['errors'])} row error(s)")
+    for e in result["errors"]:
+        print(f"  not evaluated: line {e['row']} ({e['id'] or 'unparsed'}), field {e['field']!r}: {e['error']}",
+              file=sys.stderr)
+    print("\n".join(stats.TABLE_HEAD))
+    for name, est in summary_rows(result):
+        print(stats.table_row(name, est, 1 if "mm" in name else 3))
+    print(f"wrote {js} and {md}")
+    return 0 if result["evaluated"] else 1
+
+
+def run_heads_runs(args: argparse.Namespace) -> int:
     """Evaluate each run, print one line per run, add the SegResNet comparison, write the report."""
     from decipher_mr.data.cache import CacheError, PreparedCache
     from decipher_mr.eval.heads import compare_with_segresnet, evaluate_head
