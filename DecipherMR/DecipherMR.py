@@ -62,6 +62,10 @@ class DecipherMRParameterNode:
     bundlePath: str = ""
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     indexPath: str = ""
+    engine: str = "local"
+    enginePort: Annotated[int, WithinRange(0, 65535)] = 0
+    engineIdentity: str = ""
+    remoteCommand: str = ""
     query: str = ""
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -116,6 +120,9 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.indexPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.bundlePathLineEdit.currentPathChanged.connect(self.onBundlePathChanged)
         self.ui.indexPathLineEdit.currentPathChanged.connect(lambda path: self._setPath("indexPath", path))
+        self.ui.engineIdentityLineEdit.currentPathChanged.connect(lambda path: self._setPath("engineIdentity", path))
+        self.ui.engineIdentityLineEdit.validInputChanged.connect(lambda valid: self._clearIfEmpty("engineIdentity", self.ui.engineIdentityLineEdit))
+        self.ui.connectButton.clicked.connect(lambda: self._run(lambda p: self.logic.connect()))
         # currentPathChanged is emitted for acceptable text only, and empty text is never acceptable: a
         # path edit emptied by the user reports it through validInputChanged.
         self.ui.bundlePathLineEdit.validInputChanged.connect(lambda valid: self._clearIfEmpty("bundlePath", self.ui.bundlePathLineEdit))
@@ -194,6 +201,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.ui.bundlePathLineEdit.currentPath = self._parameterNode.bundlePath
             self.ui.indexPathLineEdit.currentPath = self._parameterNode.indexPath
+            self.ui.engineIdentityLineEdit.currentPath = self._parameterNode.engineIdentity
             self.updateButtons()
 
     def rememberInputs(self):
@@ -203,7 +211,8 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from DecipherMRLib.PanelInputs import remember_inputs
 
         p = self._parameterNode
-        remember_inputs(qt.QSettings(), {"bundlePath": p.bundlePath, "device": p.device, "indexPath": p.indexPath})
+        names = ("bundlePath", "device", "indexPath", "engine", "enginePort", "engineIdentity", "remoteCommand")
+        remember_inputs(qt.QSettings(), {name: getattr(p, name) for name in names})
 
     def _setPath(self, name, path):
         if self._parameterNode and getattr(self._parameterNode, name) != path:
@@ -239,6 +248,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.queryButton.enabled = ready and bool(p.query.strip())
         self.ui.similarReportsButton.enabled = ready and bool(p.indexPath)
         self.ui.findCasesButton.enabled = idle and bool(p.bundlePath and p.indexPath)
+        self.ui.connectButton.enabled = idle and bool(p.bundlePath)
         self.ui.thresholdToSegmentButton.enabled = idle and self.logic.lastHeatmap is not None
         self.ui.loadCaseButton.enabled = idle and self.logic.lastTable is not None
         self.ui.cancelButton.enabled = self.logic.runner.state.value == "running"
@@ -248,7 +258,8 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             p = self._parameterNode
-            self.logic.configure(p.bundlePath, p.device, index=p.indexPath or None)
+            self.logic.configure(p.bundlePath, p.device, index=p.indexPath or None, engine=p.engine or "local", port=p.enginePort or None,
+                                 identity=p.engineIdentity or None, remote_command=p.remoteCommand or None)
             self.rememberInputs()
             start(p)
         except Exception as exc:
@@ -311,8 +322,13 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
 
+    def showEngineInfo(self):  # what the (maybe remote) engine loaded: name, fingerprint, device, GPU
+        from DecipherMRLib.PanelInputs import engine_summary
+        self.ui.engineInfoLabel.text = engine_summary(self.logic.engineInfo(), (self._parameterNode.engine if self._parameterNode else "") or "local")
+
     def onFinished(self, name, result):
         self.ui.statusLabel.text = f"{name}: done."
+        self.showEngineInfo()
         if self.logic.lastTable is not None and name in ("similar reports", "find cases"):
             self.ui.resultsTableView.setMRMLTableNode(self.logic.lastTable)
             for column in (4, 5):  # the full report and image path are shown on selection, not as columns
@@ -322,6 +338,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFailed(self, name, message, details):
         self.ui.statusLabel.text = f"{name} failed; the scene was left as it was."
+        self.showEngineInfo()
         slicer.util.errorDisplay(f"DecipherMR {name} failed: {message}", detailedText=details)
 
     def onCancelled(self, name):

@@ -19,6 +19,10 @@ SETTINGS_KEYS = {
     "bundlePath": "DecipherMR/BundlePath",
     "device": "DecipherMR/Device",
     "indexPath": "DecipherMR/IndexPath",
+    "engine": "DecipherMR/Engine",
+    "enginePort": "DecipherMR/EnginePort",
+    "engineIdentity": "DecipherMR/EngineIdentity",
+    "remoteCommand": "DecipherMR/RemoteCommand",
 }
 
 BUNDLE_CONFIG = "config.json"
@@ -52,9 +56,12 @@ def remembered_inputs(store) -> Dict[str, str]:
     >>> remembered_inputs(qt.QSettings())
     {'bundlePath': '/models/demo.zip', 'device': 'cuda', 'indexPath': '/models/index'}
     """
-    values = {name: _as_text(store.value(key, "")) for name, key in SETTINGS_KEYS.items()}
+    values: Dict[str, Any] = {name: _as_text(store.value(key, "")) for name, key in SETTINGS_KEYS.items()}
     if values["device"] not in DEVICES:
         values["device"] = ""
+    port = values.pop("enginePort")
+    if port.isdigit() and 0 < int(port) < 65536:
+        values["enginePort"] = int(port)
     return {name: value for name, value in values.items() if value}
 
 
@@ -69,7 +76,25 @@ def remember_inputs(store, inputs: Mapping[str, str]) -> list:
         if name not in inputs:
             continue
         value = str(inputs[name] or "")
+        if name == "enginePort" and value == "0":
+            value = ""
         if _as_text(store.value(key, "")) != value:
             store.setValue(key, value)
             written.append(name)
     return written
+
+
+def engine_summary(info: Mapping[str, Any], where: str = "local") -> str:
+    """One line for the panel about what the engine loaded (the worker's ``ready`` fields).
+
+    >>> engine_summary({"name": "demo", "fingerprint": "3092bf91...", "device": "cuda:0", "gpu": "NVIDIA H100",
+    ...                 "host": "gpu-1", "protocol": 2}, "alice@gpu-1")
+    'demo (3092bf910df0) on alice@gpu-1 (host gpu-1): cuda:0, NVIDIA H100'
+    """
+    if not info:
+        return "Not connected."
+    name = info.get("name") or Path(str(info.get("bundle") or "bundle")).name
+    fingerprint = str(info.get("fingerprint") or "")[:12]
+    host = f" (host {info['host']})" if where != "local" and info.get("host") else ""
+    device = str(info.get("device") or "?") + (f", {info['gpu']}" if info.get("gpu") else "")
+    return f"{name}{f' ({fingerprint})' if fingerprint else ''} on {where}{host}: {device}"

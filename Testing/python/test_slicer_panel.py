@@ -34,6 +34,7 @@ BOUNDED_SLIDERS = {"ctkSliderWidget", "qMRMLSliderWidget"}  # refuses an unbound
 FLOAT_WIDGETS = BOUNDED_SLIDERS | {"QDoubleSpinBox", "ctkDoubleSlider", "ctkDoubleSpinBox", "qMRMLSpinBox"}
 STR_WIDGETS = {"QLineEdit", "QLabel", "QTextEdit", "QPlainTextEdit"}
 NODE_WIDGETS = {"qMRMLNodeComboBox"}
+INT_WIDGETS = {"QSpinBox", "QSlider"}  # QSliderOrSpinBoxToIntConnector: int only; a QSlider needs bounds
 
 
 def ui_bindings(ui_text: str) -> dict[str, str]:
@@ -87,6 +88,11 @@ def connector_problems(ui_text: str, source: str) -> list[str]:
                 low, high = (ast.literal_eval(a) for a in validators["WithinRange"].args)
                 if default is not None and not low <= default <= high:
                     problems.append(f"{name}: default {default} outside WithinRange({low}, {high})")
+        elif widget in INT_WIDGETS:
+            if type_name != "int":
+                problems.append(f"{name}: a {widget} represents int, not {type_name}")
+            elif widget == "QSlider" and "WithinRange" not in validators and not {"Minimum", "Maximum"} <= set(validators):
+                problems.append(f"{name}: a QSlider bound to int needs WithinRange (or Minimum and Maximum)")
         elif widget in STR_WIDGETS:
             if type_name != "str":
                 problems.append(f"{name}: a {widget} represents str, not {type_name}")
@@ -114,6 +120,9 @@ class DecipherMRParameterNode:
     bundlePath: str = ""
     device: str = "auto"
     indexPath: str = ""
+    engine: str = "local"
+    enginePort: int = 0
+    remoteCommand: str = ""
     query: str = ""
     opacity: float = 0.5
     threshold: float = 0.5
