@@ -134,7 +134,8 @@ class WorkerEngine:
     """
 
     def __init__(self, bundle: str, device: str = "auto", index: str | None = None, python: str | None = None,
-                 cancel_grace_s: float = CANCEL_GRACE_S, target=None, map_precision: str = "exact") -> None:
+                 cancel_grace_s: float = CANCEL_GRACE_S, target=None, map_precision: str = "exact",
+                 worker_args=()) -> None:
         import tempfile
         from pathlib import Path
 
@@ -142,6 +143,7 @@ class WorkerEngine:
         self.python = python
         self.target = target if target is not None and getattr(target, "remote", False) else None
         self._sent: set[str] = set()  # volume keys the current remote worker holds
+        self.worker_args = list(worker_args)  # more `decipher-mr worker` options, e.g. ["--max-tokens", "1024"]
         self.map_precision = map_precision  # remote maps: "exact", or "float16" (smaller, error <= 2.4e-4)
         self.cancel_grace_s = float(cancel_grace_s)
         self.folder = Path(tempfile.mkdtemp(prefix="decipher-mr-slicer-"))
@@ -160,11 +162,11 @@ class WorkerEngine:
             self._sent = set()
             if self.target is not None:
                 progress(0.0, f"Connecting to {self.target.label()} and loading the model there")
-                client = WorkerClient(self.bundle, device=self.device, target=self.target)
+                client = WorkerClient(self.bundle, device=self.device, target=self.target, extra_args=self.worker_args)
             else:
                 progress(0.0, "Starting the DecipherMR worker and loading the model")
                 client = WorkerClient(self.bundle, device=self.device, out=str(self.folder / "out"),
-                                      python=self.python or worker_python())
+                                      python=self.python or worker_python(), extra_args=self.worker_args)
             client.start()  # raises with a clear message (unreachable, key refused, missing, protocol)
             self._client = client
         return self._client
@@ -209,6 +211,9 @@ class WorkerEngine:
 
             if volume is None:
                 return self._wait(client, client.submit(method, params, on_progress), cancel)
+            from .EngineResults import map_grid
+
+            params = {**params, "map_grid": map_grid()}  # maps on the model's grid: nothing resampled per query
             if self.target is None:  # private files read once: gzip would only cost time
                 exchange = {"volume": self._volume_file(volume), "format": "nrrd", "compress": False}
                 return self._wait(client, client.submit(method, {**params, **exchange}, on_progress), cancel)

@@ -131,8 +131,8 @@ def test_cancel_stops_the_remote_request_and_the_connection_stays_warm(server, b
     from DecipherMRLib.Engine import WorkerEngine
 
     bundle, index = bundle_and_index
-    target = server.target(WORKER + " --max-tokens 64")  # many windows: still running when cancelled
-    remote = WorkerEngine(bundle, device="cpu", index=index, target=dataclasses.replace(target))
+    remote = WorkerEngine(bundle, device="cpu", index=index, target=server.target(WORKER),
+                          worker_args=["--max-tokens", "64"])  # many windows: still running when cancelled
     large = dataclasses.replace(colin27, spacing=(3.0, 3.0, 3.0))
     cancel = threading.Event()
 
@@ -181,7 +181,7 @@ def test_a_connection_killed_mid_run_fails_cleanly_and_the_next_run_reconnects(s
     from DecipherMRLib.Engine import WorkerEngine
 
     bundle, index = bundle_and_index
-    remote = WorkerEngine(bundle, device="cpu", index=index, target=server.target(WORKER + " --max-tokens 64"))
+    remote = WorkerEngine(bundle, device="cpu", index=index, target=server.target(WORKER), worker_args=["--max-tokens", "64"])
     large = dataclasses.replace(colin27, spacing=(3.0, 3.0, 3.0))
     cancel = threading.Event()
     remote.connect(quiet, cancel)

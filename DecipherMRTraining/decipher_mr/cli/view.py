@@ -30,8 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="localhost",
                         help="interface to listen on (default localhost; 0.0.0.0 exposes the viewer to your network)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] for the model")
-    parser.add_argument("--engine", default="worker", choices=("worker", "in-process"),
-                        help="run the model in the persistent worker process (default, as in Slicer) or in this process")
+    parser.add_argument("--engine", default="worker", metavar="worker|in-process|USER@HOST",
+                        help="run the model in the persistent worker process (default, as in Slicer), in this process, "
+                             "or on a GPU server through ssh (USER@HOST[:PORT]; --bundle and --index are then paths "
+                             "on the server)")
+    remote = parser.add_argument_group("remote engine (--engine USER@HOST)")
+    remote.add_argument("--ssh-port", type=int, default=None, help="the server's ssh port (default: 22 or your ssh config)")
+    remote.add_argument("--ssh-key", default=None, help="private key file (default: your ssh agent and config)")
+    remote.add_argument("--remote-command", default=None,
+                        help="how the server runs the engine (default: decipher-mr on its PATH)")
     parser.add_argument("--encoder", default="turbo-jpeg", choices=("turbo-jpeg", "jpeg", "png", "webp"),
                         help="how rendered views are sent to the page (png is lossless and larger)")
     parser.add_argument("--open", action="store_true", help="open the page in this machine's web browser")
@@ -68,8 +75,19 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
+    target = None
+    if args.engine not in ("worker", "in-process"):
+        from decipher_mr.inference.transport import EngineTarget
+
+        try:
+            target = EngineTarget.parse(args.engine, port=args.ssh_port, identity=args.ssh_key,
+                                        remote_command=args.remote_command)
+        except ValueError as exc:
+            print(f"decipher-mr view: --engine: {exc}", file=sys.stderr)
+            return 2
+    remote_paths = ("--bundle", "--index") if target is not None else ()
     for what, value in (("--bundle", args.bundle), ("--index", args.index), ("--volume", args.volume)):
-        if value and not Path(value).expanduser().exists():
+        if value and what not in remote_paths and not Path(value).expanduser().exists():
             print(f"decipher-mr view: {what} {value}: no such file or folder", file=sys.stderr)
             return 2
     for root in args.data_root or []:
@@ -105,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print("decipher-mr view: WARNING: --no-token: anyone who can reach this port (every user of this machine) "
               "can open the viewer, read the files under the data roots and the indexed reports", file=sys.stderr)
     app = ViewerApp(bundle=args.bundle, index=args.index, device=args.device, volume=args.volume,
-                    engine=args.engine, encoder=args.encoder, token=token, data_roots=roots,
+                    engine=target if target is not None else args.engine, encoder=args.encoder, token=token, data_roots=roots,
                     max_upload_bytes=int(max_upload_mb * 2**20))
 
     def announce(**_):

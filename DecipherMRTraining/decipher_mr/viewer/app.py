@@ -97,9 +97,10 @@ class ViewerApp:
         with quiet_vtk():  # creating views prints VTK 9.6 deprecation warnings that mean nothing to a user
             self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
 
-        if engine not in ("worker", "in-process"):
-            raise ValueError(f"engine must be 'worker' or 'in-process', not {engine!r}")
-        factory = WorkerEngine if engine == "worker" else InProcessEngine
+        self.target = engine if getattr(engine, "remote", False) else None  # an EngineTarget: a GPU server
+        if self.target is None and engine not in ("worker", "in-process"):
+            raise ValueError(f"engine must be 'worker', 'in-process' or an EngineTarget, not {engine!r}")
+        factory = WorkerEngine if engine == "worker" or self.target is not None else InProcessEngine
         self.logic = ModuleLogic(self.scene, engine_factory=factory)
         self.logic.runner.progress.connect(self._on_progress)
         self.logic.runner.finished.connect(self._on_finished)
@@ -179,6 +180,14 @@ class ViewerApp:
             bundle = self.state.dmr_bundle.strip()
             if not bundle:
                 raise ValueError("type the path of a model bundle (a folder or a .zip)")
+            if self.target is not None:  # paths on the GPU server: checked there when the engine starts
+                index, t = self.state.dmr_index.strip() or None, self.target
+                self.logic.configure(bundle, device=self.state.dmr_device, index=index, engine=t.label(),
+                                     identity=t.identity, remote_command=t.remote_command)
+                with self.state:
+                    self.state.dmr_configured, self.state.dmr_error = True, ""
+                    self.state.dmr_model_info = f"{Path(bundle).name} on {t.label()} (loaded there on the first run)"
+                return
             typed_bundle, bundle = bundle, str(self.data_roots.check(bundle, "model bundle"))
             if not Path(bundle).exists():
                 raise FileNotFoundError(f"{typed_bundle}: no such model bundle")
