@@ -3,12 +3,20 @@
 The engine (``decipher_mr.inference``) answers in the input volume's own geometry: ``SegmentationResult``
 (``labels`` Volume + ``label_names``), ``HeatmapResult`` (``heatmap``/``mask`` Volumes, ``peak_ijk``,
 ``threshold``, ``query``) and lists of ``RetrievalHit`` (``rank``, ``score``, ``metadata``). Objects or
-the equivalent dicts (what the worker's JSON carries, with file paths instead of arrays) both work. Each
-map is checked against the input node's grid and IJKToRAS before anything is written.
+the equivalent dicts (what the worker's JSON carries, with file paths instead of arrays) both work.
+
+Maps come on the model's own grid when the engine has them (``grid_labels``, ``grid_heatmap``,
+``grid_mask`` of a session result; the worker's files with ``map_grid: "model"``): they go into the scene
+as they are, placed by their own IJKToRAS (Slicer reslices every volume and segment on the fly), which
+saves resampling them onto the input's grid on every query; exports and saved segmentations are still
+resampled onto the input's grid (the segmentation's reference geometry). ``$DECIPHER_MR_MAP_GRID=input``
+asks for input-grid maps instead (the previous path, kept for comparison). A map on the input's grid
+is checked against the input node's grid and IJKToRAS before anything is written.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,8 +25,10 @@ import numpy as np
 from .Grounding import GroundingResult, write_grounding
 from .HeatmapDisplay import show_as_foreground, write_heatmap
 from .RetrievalTables import write_retrieval_table
-from .SegmentationWriter import SegmentLabel, distinct_color, write_segmentation
-from .VolumeBridge import ijk_to_ras
+from .SegmentationWriter import SegmentLabel, add_label_array, distinct_color, new_segmentation_node, write_segmentation
+from .VolumeBridge import grid_node, ijk_to_ras
+
+MAP_GRID_ENV = "DECIPHER_MR_MAP_GRID"
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -27,11 +37,26 @@ def _get(result: Any, name: str, default: Any = None) -> Any:
     return getattr(result, name, default)
 
 
-def map_array(value: Any, reference_node, what: str) -> np.ndarray:
-    """The ``[i, j, k]`` array of an engine map (a Volume, an array, or a path to a NIfTI/NRRD file),
-    after checking that it lies on the reference node's grid.
+def map_grid() -> str:
+    """Which grid the engine is asked to answer on: ``"model"`` (default) or ``"input"`` (``$DECIPHER_MR_MAP_GRID``)."""
+    return "input" if os.environ.get(MAP_GRID_ENV, "model").strip().lower() == "input" else "model"
 
-    >>> scores = map_array(result.heatmap, input_node, "anomaly map")
+
+def _result_map(result: Any, name: str) -> Any:
+    """``grid_<name>`` of a result when it has one (and model-grid maps are wanted), else ``<name>``."""
+    if map_grid() == "model":
+        native = _get(result, f"grid_{name}")
+        if native is not None:
+            return native
+    return _get(result, name)
+
+
+def map_volume(value: Any, reference_node, what: str):
+    """``(array [i, j, k], grid)`` of an engine map (a Volume, an array, or a path to a NIfTI/NRRD file):
+    ``grid`` is None when the map lies on the reference node's grid, else a node carrying the map's own
+    grid (``VolumeBridge.grid_node``). A bare array must lie on the reference grid.
+
+    >>> scores, grid = map_volume(result.grid_heatmap, input_node, "anomaly map")
     """
     if isinstance(value, (str, Path)):
         from decipher_mr.data.io import read_volume
@@ -39,10 +64,39 @@ def map_array(value: Any, reference_node, what: str) -> np.ndarray:
         value = read_volume(value, allow_constant=True)
     array = np.asarray(getattr(value, "array", value))
     shape = tuple(reference_node.GetImageData().GetDimensions())
-    if array.shape != shape:
-        raise ValueError(f"{what}: shape {array.shape} does not match volume {reference_node.GetName()!r} {shape}")
     affine = getattr(value, "affine_ras", None)
-    if affine is not None and not np.allclose(affine, ijk_to_ras(reference_node), atol=1e-3):
+    if affine is None:
+        if array.shape != shape:
+            raise ValueError(f"{what}: shape {array.shape} does not match volume {reference_node.GetName()!r} {shape}")
+        return array, None
+    if array.ndim != 3:
+        raise ValueError(f"{what}: expected a 3D map, got shape {array.shape}")
+    if array.shape == shape and np.allclose(affine, ijk_to_ras(reference_node), atol=1e-3):
+        return array, None
+    _check_overlap(affine, array.shape, reference_node, what)
+    return array, grid_node(array.shape, affine)
+
+
+def _check_overlap(affine, shape, reference_node, what: str) -> None:
+    """Refuse a map on its own grid that lies wholly outside the volume (it belongs to another one)."""
+    def box(matrix, dims):
+        corners = np.array([[x, y, z, 1.0] for x in (0, dims[0] - 1) for y in (0, dims[1] - 1) for z in (0, dims[2] - 1)])
+        ras = (np.asarray(matrix) @ corners.T)[:3].T
+        return ras.min(0), ras.max(0)
+
+    lo, hi = box(affine, shape)
+    ref_lo, ref_hi = box(ijk_to_ras(reference_node), reference_node.GetImageData().GetDimensions())
+    if np.any(hi < ref_lo - 1.0) or np.any(lo > ref_hi + 1.0):
+        raise ValueError(f"{what}: its grid lies outside volume {reference_node.GetName()!r}; it belongs to another volume")
+
+
+def map_array(value: Any, reference_node, what: str) -> np.ndarray:
+    """The ``[i, j, k]`` array of an engine map, after checking that it lies on the reference node's grid.
+
+    >>> scores = map_array(result.heatmap, input_node, "anomaly map")
+    """
+    array, grid = map_volume(value, reference_node, what)
+    if grid is not None:
         raise ValueError(f"{what}: its geometry differs from volume {reference_node.GetName()!r}; the engine must answer in the input's geometry")
     return array
 
@@ -52,7 +106,7 @@ def apply_segmentation(scene, reference_node, result: Any, name: str | None = No
 
     >>> seg_node = apply_segmentation(scene, input_node, session.segment(volume))
     """
-    labels = map_array(_get(result, "labels"), reference_node, "segmentation")
+    labels, grid = map_volume(_result_map(result, "labels"), reference_node, "segmentation")
     names = list(_get(result, "label_names", []) or [])
     colors = _get(result, "label_colors") or {}
     table = [
@@ -62,7 +116,11 @@ def apply_segmentation(scene, reference_node, result: Any, name: str | None = No
     ]
     if not table:
         table = [SegmentLabel(int(v), f"label {int(v)}", distinct_color(int(v) - 1)) for v in np.unique(labels) if v > 0]
-    return write_segmentation(scene, reference_node, labels.astype(np.int32), table, name=name)
+    if grid is None:
+        return write_segmentation(scene, reference_node, labels.astype(np.int32), table, name=name)
+    node = new_segmentation_node(scene, reference_node, name or f"{reference_node.GetName()} segmentation")
+    add_label_array(scene, node, grid, labels.astype(np.int32), table)  # the segments keep the model's grid
+    return node
 
 
 def apply_anomaly(scene, reference_node, result: Any, opacity: float = 0.5):
@@ -70,8 +128,8 @@ def apply_anomaly(scene, reference_node, result: Any, opacity: float = 0.5):
 
     >>> heat_node = apply_anomaly(scene, input_node, session.anomaly_map(volume), opacity=0.5)
     """
-    scores = map_array(_get(result, "heatmap"), reference_node, "anomaly map").astype(np.float32)
-    node = write_heatmap(scene, reference_node, scores, f"{reference_node.GetName()} anomaly")
+    scores, grid = map_volume(_result_map(result, "heatmap"), reference_node, "anomaly map")
+    node = write_heatmap(scene, reference_node, scores.astype(np.float32), f"{reference_node.GetName()} anomaly", grid=grid)
     threshold = _get(result, "threshold")
     if threshold is not None:
         node.SetAttribute("DecipherMR.threshold", str(float(threshold)))
@@ -84,14 +142,18 @@ def apply_grounding(scene, reference_node, result: Any, query: str | None = None
 
     >>> found = apply_grounding(scene, input_node, session.ground(volume, "left frontal lobe"))
     """
-    heat = map_array(_get(result, "heatmap"), reference_node, "grounding map").astype(np.float32)
-    mask = _get(result, "mask")
-    mask = None if mask is None else map_array(mask, reference_node, "grounding mask")
+    heat, grid = map_volume(_result_map(result, "heatmap"), reference_node, "grounding map")
+    mask = _result_map(result, "mask")
+    if mask is not None:
+        mask, mask_grid = map_volume(mask, reference_node, "grounding mask")
+        if (mask_grid is None) != (grid is None) or mask.shape != heat.shape:
+            raise ValueError("grounding mask: not on the grounding map's grid")
     if mask is not None and not np.any(mask):
         mask = None  # nothing above the engine's threshold: fall back to the region around the peak
     text = query or _get(result, "query") or "query"
     return write_grounding(
-        scene, reference_node, heat, text, segmentation_node=segmentation_node, mask=mask, peak_ijk=_get(result, "peak_ijk")
+        scene, reference_node, heat.astype(np.float32), text, segmentation_node=segmentation_node, mask=mask,
+        peak_ijk=None if grid is not None else _get(result, "peak_ijk"), grid=grid,
     )
 
 

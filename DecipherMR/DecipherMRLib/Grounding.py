@@ -12,7 +12,7 @@ import slicer
 from .HeatmapDisplay import mask_to_segment
 from .SegmentationWriter import new_segmentation_node
 from .SubjectHierarchy import place_beside
-from .VolumeBridge import check_same_grid, ijk_to_ras
+from .VolumeBridge import check_same_grid, ijk_to_ras, nearest_ijk
 
 
 @dataclass
@@ -67,21 +67,28 @@ def write_grounding(
     jump: bool = True,
     mask: np.ndarray | None = None,
     peak_ijk=None,
+    grid=None,
 ) -> GroundingResult:
     """Turn a grounding heatmap into a segment named after the query plus a markup at its peak.
 
     ``threshold`` defaults to half-way between the map's median and its peak, which keeps the region
     around the peak whatever the map's scale; the engine's own ``mask`` and ``peak_ijk`` win when given.
     Pass the same ``segmentation_node`` for follow-up queries so
-    they gather in one node.
+    they gather in one node. ``grid`` (a node carrying the map's grid, ``VolumeBridge.grid_node``): ``heat``
+    and ``mask`` lie on the model's grid, not the input's; the segment keeps that grid (Slicer reslices it
+    in place), the markup goes to the grid peak's exact RAS point, ``peak_ijk`` is the input voxel there.
 
     >>> result = write_grounding(scene, input_node, scores, "lesion in the left frontal lobe")
     """
     heat = np.asarray(heat, dtype=np.float32)
-    check_same_grid(heat, reference_node, f"grounding map for {segment_name_for_query(query)!r}")
+    on = grid if grid is not None else reference_node
+    check_same_grid(heat, on, f"grounding map for {segment_name_for_query(query)!r}")
     if not np.all(np.isfinite(heat)):
         raise ValueError("grounding map holds NaN or infinite values")
-    if peak_ijk is None:
+    if grid is not None:
+        _, peak_ras = peak_position(heat, grid)
+        peak_ijk = nearest_ijk(reference_node, peak_ras)
+    elif peak_ijk is None:
         peak_ijk, peak_ras = peak_position(heat, reference_node)
     else:
         peak_ijk = tuple(int(v) for v in peak_ijk)
@@ -91,12 +98,12 @@ def write_grounding(
             threshold = float(np.median(heat) + 0.5 * (heat.max() - np.median(heat)))
         mask = heat >= threshold
     else:
-        check_same_grid(mask, reference_node, "grounding mask")
+        check_same_grid(mask, on, "grounding mask")
     name = segment_name_for_query(query)
     seg_node = segmentation_node if segmentation_node is not None else new_segmentation_node(
         scene, reference_node, f"{reference_node.GetName()} queries"
     )
-    segment_id = mask_to_segment(scene, seg_node, reference_node, np.asarray(mask) > 0, name, color=(0.1, 0.8, 1.0))
+    segment_id = mask_to_segment(scene, seg_node, on, np.asarray(mask) > 0, name, color=(0.1, 0.8, 1.0))
 
     markup = slicer.vtkMRMLMarkupsFiducialNode()
     markup.SetName(scene.GenerateUniqueName(f"{name} peak"))

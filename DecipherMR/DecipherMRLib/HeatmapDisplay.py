@@ -1,4 +1,7 @@
-"""Anomaly and grounding heatmaps: a scalar volume on the input grid, shown as the slice views' foreground.
+"""Anomaly and grounding heatmaps: a scalar volume shown as the slice views' foreground.
+
+A heatmap lies on the input's grid or, as the engine sends it, on the model's own grid (``grid``: a node
+carrying that grid, see ``VolumeBridge.grid_node``); Slicer reslices either through its IJKToRAS.
 
 The heat colour table is transparent at its low end, so where the model sees nothing the anatomy stays
 visible; the display window runs from the chosen lower threshold to the map's maximum.
@@ -45,15 +48,15 @@ def heat_color_table(scene):
     return table
 
 
-def write_heatmap(scene, reference_node, scores: np.ndarray, name: str, lower_threshold: float | None = None):
-    """A heatmap scalar volume in the reference volume's geometry with the heat colour display.
+def write_heatmap(scene, reference_node, scores: np.ndarray, name: str, lower_threshold: float | None = None, grid=None):
+    """A heatmap scalar volume in the reference volume's geometry (or ``grid``'s) with the heat colour display.
 
     >>> heat = write_heatmap(scene, input_node, result.scores, "MRHead anomaly")
     """
     scores = np.asarray(scores, dtype=np.float32)
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{name}: the heatmap holds NaN or infinite values")
-    node = add_volume_from_array(scene, scores, reference_node, name)
+    node = add_volume_from_array(scene, scores, grid if grid is not None else reference_node, name)
     low = float(scores.min()) if lower_threshold is None else float(lower_threshold)
     high = float(scores.max())
     if high <= low:
@@ -117,11 +120,14 @@ def threshold_to_segment(
     mask = array_from_volume_node(heat_node) >= threshold
     if segmentation_node is None:
         segmentation_node = new_segmentation_node(scene, reference_node, f"{heat_node.GetName()} segments")
-    return segmentation_node, mask_to_segment(scene, segmentation_node, reference_node, mask, name, color)
+    # the mask lies on the heatmap's own grid (the input's or the model's): it is imported with that geometry
+    return segmentation_node, mask_to_segment(scene, segmentation_node, heat_node, mask, name, color)
 
 
 def mask_to_segment(scene, segmentation_node, reference_node, mask: np.ndarray, name: str, color=(1.0, 0.85, 0.0)) -> str:
-    """Add a boolean ``[i, j, k]`` mask as one named, coloured segment; returns its id.
+    """Add a boolean ``[i, j, k]`` mask on ``reference_node``'s grid (any volume or ``grid_node``) as one
+    named, coloured segment; returns its id. The segment keeps that grid; the segmentation's reference
+    geometry (what an export or a saved ``.seg.nrrd`` is resampled onto) stays the input's.
 
     >>> segment_id = mask_to_segment(scene, seg, input_node, scores > 0.5, "hot spots")
     """

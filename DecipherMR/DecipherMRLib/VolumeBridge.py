@@ -202,3 +202,30 @@ def read_node_from_file(scene, node, storage, path, name: str, unreadable: str):
         raise ValueError(unreadable)
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def grid_node(shape, ijk_to_ras_matrix) -> "slicer.vtkMRMLScalarVolumeNode":
+    """A volume node outside any scene that only carries a grid (dimensions + IJKToRAS), no voxels.
+
+    Engine maps on the model's own grid are placed through it: Slicer reslices every volume and segment
+    through its own IJKToRAS, so such a map shows in place over the input without being resampled.
+
+    >>> carrier = grid_node(heat.shape, heat_volume.affine_ras); add_volume_from_array(scene, heat, carrier, "heat")
+    """
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(ijk_to_ras_matrix[r][c]))
+    image = vtk.vtkImageData()
+    image.SetDimensions(*(int(n) for n in shape))
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def nearest_ijk(node, ras) -> tuple[int, int, int]:
+    """The voxel of a volume node nearest to a RAS point (clipped to its grid)."""
+    ijk = np.linalg.solve(ijk_to_ras(node), np.array([*map(float, ras), 1.0]))[:3]
+    dims = np.asarray(node.GetImageData().GetDimensions()) - 1
+    return tuple(int(v) for v in np.clip(np.rint(ijk), 0, dims))  # type: ignore[return-value]

@@ -9,8 +9,10 @@
 A volume is a :class:`~decipher_mr.data.volume.Volume` (an array plus its geometry) or a path that
 :func:`~decipher_mr.data.io.read_volume` opens. Each volume is preprocessed with the bundle's
 settings, encoded (sliding windows for large volumes, :mod:`.encoding`), and kept in a small LRU
-keyed by a hash of its voxels and geometry; text embeddings are cached by query text. Every output
-is mapped back with :func:`~decipher_mr.data.preprocess.restore` onto the input's exact grid.
+keyed by a hash of its voxels and geometry (a file path is re-read only when the file changed); text
+embeddings are cached by query text. Every map is computed on the model's (prepared) grid and mapped
+back with :func:`~decipher_mr.data.preprocess.restore` onto the input's exact grid when first asked for
+(``result.heatmap``, ``result.labels``); ``result.grid_heatmap`` etc. are the maps on the model grid.
 """
 
 from __future__ import annotations
@@ -104,6 +106,18 @@ def as_volume(volume: Volume | str | os.PathLike) -> Volume:
     return volume
 
 
+def _file_key(volume) -> tuple | None:
+    """``(path, mtime_ns, size, inode)`` of a volume file (a DICOM folder or a Volume: None)."""
+    if not isinstance(volume, (str, os.PathLike)):
+        return None
+    try:
+        path = Path(volume).resolve()
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino) if path.is_file() else None
+
+
 class Session:
     """A loaded bundle plus caches. Build with :meth:`from_bundle`.
 
@@ -128,6 +142,7 @@ class Session:
         # one encoder pass must serve every head, so ask it for every layer any decoder reads
         self.layers = tuple(sorted({int(l) for h in self.heads.values() for l in getattr(h, "required_layers", ())}))
         self.cache = TokenCache(max_items=cache_items)
+        self._file_keys: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size, inode) -> content key
         self._text_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._text_towers: dict[str, Any] = {}
         self.stats = {"encoder_passes": 0, "encode_cache_hits": 0, "text_passes": 0, "text_cache_hits": 0}
@@ -172,8 +187,17 @@ class Session:
 
         >>> enc = s.encode("t1.nii.gz"); enc.grid
         """
+        file_key = _file_key(volume)
+        hit = self.cache.get(self._file_keys.get(file_key, "")) if file_key else None
+        if hit is not None:  # the same unchanged file: not even read again
+            self.stats["encode_cache_hits"] += 1
+            return hit
         vol = as_volume(volume)
         key = volume_content_hash(vol)
+        if file_key:
+            self._file_keys[file_key] = key
+            while len(self._file_keys) > 64:
+                self._file_keys.popitem(last=False)
         hit = self.cache.get(key)
         if hit is not None:
             self.stats["encode_cache_hits"] += 1
@@ -317,17 +341,36 @@ class Session:
         out.path = None
         return out
 
+    @staticmethod
+    def _on_grid(enc: EncodedVolume, array: np.ndarray) -> Volume:
+        """A map on the prepared (model) grid with that grid's own geometry (canonical directions)."""
+        from decipher_mr.data.preprocess import CANONICAL_DIRECTION_LPS
+
+        rec = enc.record
+        return Volume(np.ascontiguousarray(array), tuple(float(v) for v in rec.grid_spacing), rec.prepared_origin,
+                      CANONICAL_DIRECTION_LPS.copy())
+
     def _heatmap_result(self, enc: EncodedVolume, name: str, heat: np.ndarray, threshold: float,
                         query: str | None = None) -> HeatmapResult:
+        """Mask, box and peak on the model grid (cheap); the input-grid maps are made on first use only."""
         from decipher_mr.heads.dense import box_from_heatmap, largest_component
 
-        vol = self._to_source(enc, np.clip(heat, 0.0, 1.0).astype(np.float32), "linear")
-        mask = largest_component(vol.array >= threshold)
-        box = box_from_heatmap(vol.array, threshold) if vol.array.max() > 0 else None
-        return HeatmapResult(name, vol, vol.with_array(mask.astype(np.uint8)), box, peak_of(vol), threshold, query)
+        heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
+        grid = self._on_grid(enc, heat)
+        mask = largest_component(heat >= threshold)
+        box = box_from_heatmap(heat, threshold) if heat.max() > 0 else None
+
+        def to_input():
+            vol = self._to_source(enc, heat, "linear")
+            in_mask = largest_component(vol.array >= threshold)
+            in_box = box_from_heatmap(vol.array, threshold) if vol.array.max() > 0 else None
+            return vol, vol.with_array(in_mask.astype(np.uint8)), in_box, peak_of(vol)
+
+        return HeatmapResult(name, threshold=threshold, query=query, source=enc.source, to_input=to_input,
+                             grid=(grid, grid.with_array(mask.astype(np.uint8)), box, peak_of(grid)))
 
     def segment(self, volume, head: str | None = None, progress: ProgressFn | None = None) -> SegmentationResult:
-        """Label map in the input geometry from a segmentation head.
+        """Label map in the input geometry (made on first use) and on the model grid, from a segmentation head.
 
         >>> seg = s.segment("t1.nii.gz"); seg.summary()["volume_ml"]
         """
@@ -337,7 +380,8 @@ class Session:
             logits = decoder_logits(module, enc, self.device, progress)
         labels = logits.argmax(0).numpy().astype(np.uint8)
         del logits
-        return SegmentationResult(name, self._to_source(enc, labels, "nearest"), list(module.config.labels))
+        return SegmentationResult(name, None, list(module.config.labels), grid_labels=self._on_grid(enc, labels),
+                                  to_input=lambda: self._to_source(enc, labels, "nearest"))
 
     def anomaly_map(self, volume, head: str | None = None, progress: ProgressFn | None = None,
                     threshold: float = 0.5) -> HeatmapResult:

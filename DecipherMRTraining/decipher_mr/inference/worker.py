@@ -247,6 +247,7 @@ class Worker:
     def handle(self, method: str, params: dict[str, Any], progress: Callable[[str, float], None]) -> dict[str, Any]:
         """Run one request; returns the JSON-ready result."""
         from .outputs import FORMATS, safe_name
+        from .results import MAP_GRIDS, result_maps
 
         if not isinstance(params, dict):
             raise BadRequest("'params' must be an object")
@@ -272,6 +273,9 @@ class Worker:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
         suffix = FORMATS[fmt]
         compress = _param(params, "compress", bool, True)  # False for private exchange files: no gzip cost
+        grid = _param(params, "map_grid", str, "input")  # "model": maps on the model's grid, not resampled
+        if grid not in MAP_GRIDS:
+            raise BadRequest(f"map_grid must be one of {', '.join(MAP_GRIDS)}")
         hits_before = s.stats["encode_cache_hits"]
         enc = s.encode(volume, progress)
         cached = s.stats["encode_cache_hits"] > hits_before
@@ -281,12 +285,14 @@ class Worker:
             return {**base, "shape": list(enc.source.shape), "encode_seconds": round(enc.encode_seconds, 4)}
         if method == "segment":
             r = s.segment(volume, head, progress)
-            return {**base, **r.summary(), "file": self._emit(params, r.labels, f"{stem}{suffix}", compress)}
+            maps = result_maps(r, grid)
+            return {**base, **r.summary(grid), "file": self._emit(params, maps["labels"], f"{stem}{suffix}", compress)}
         if method in ("anomaly", "ground"):
             r = (s.anomaly_map(volume, head, progress) if method == "anomaly"
                  else s.ground(volume, _param(params, "text"), head, progress))
-            return {**base, **r.summary(), "file": self._emit(params, r.heatmap, f"{stem}{suffix}", compress),
-                    "mask_file": self._emit(params, r.mask, f"{stem}-mask{suffix}", compress)}
+            maps = result_maps(r, grid)
+            return {**base, **r.summary(grid), "file": self._emit(params, maps["heatmap"], f"{stem}{suffix}", compress),
+                    "mask_file": self._emit(params, maps["mask"], f"{stem}-mask{suffix}", compress)}
         if method == "localize":
             return {**base, **s.localize(volume, head, progress, keep_heatmaps=False).summary()}
         if method == "classify":
