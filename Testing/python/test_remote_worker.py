@@ -145,7 +145,7 @@ def test_cancel_stops_the_remote_request_and_the_connection_stays_warm(server, b
             remote.segment(large, progress, cancel)
         client = remote._client
         assert client.alive  # stopped by the worker at its checkpoint, not by dropping the connection
-        assert remote.segment(colin27, quiet, threading.Event())["labels"].shape == colin27.shape
+        assert remote.segment(colin27, quiet, threading.Event())["labels"].array.ndim == 3
         assert remote._client is client
     finally:
         remote.close()
@@ -198,7 +198,7 @@ def test_a_connection_killed_mid_run_fails_cleanly_and_the_next_run_reconnects(s
             remote.segment(large, progress, cancel)
         assert not remote._client.alive
         seg = remote.segment(colin27, quiet, cancel)  # reconnects, sends the volume again
-        assert seg["labels"].shape == colin27.shape and remote._client.alive
+        assert seg["labels"].array.ndim == 3 and remote._client.alive
     finally:
         remote.close()
 
