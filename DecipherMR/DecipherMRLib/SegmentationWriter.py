@@ -3,6 +3,12 @@
 Segments are imported from one label map that carries the reference volume's IJKToRAS, so the binary
 labelmap representation has exactly the input's geometry (oblique directions included) and the
 segmentation's reference image geometry is the input volume.
+
+Each segment carries its coded concept as Slicer segment terminology (the ``TerminologyEntry`` tag, in the
+serialisation of Slicer's vtkSlicerTerminologiesModuleLogic): the SNOMED CT category and type of the
+head's label table (``category``/``type`` columns, ``scheme^value^meaning``, see
+decipher_mr/bundle/codes.py), the same codes the DICOM-SEG export writes. Without codes a segment keeps
+Slicer's default (Tissue/Tissue).
 """
 
 from __future__ import annotations
@@ -29,6 +35,34 @@ class SegmentLabel:
     value: int
     name: str
     color: tuple[float, float, float]
+    terminology: str = ""  # a Slicer TerminologyEntry string (terminology_entry); "" keeps Slicer's default
+
+
+# The segmentation category and type context of Slicer's DICOM master list (Slicer 5.10 Terminologies
+# resources); codes are "scheme^value^meaning" as in decipher_mr.bundle.codes.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+REGION_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_entry(category: str, type_: str) -> str:
+    """Slicer's serialised terminology entry for a category and a type code (each ``scheme^value^meaning``):
+    context~category~type~type modifier~region context~region~region modifier.
+
+    >>> terminology_entry("SCT^123037004^Anatomical Structure", "SCT^83251001^Frontal lobe")
+    'Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^83251001^Frontal lobe~^^~Anatomic codes - DICOM master list~^^~^^'
+    """
+    for code in (category, type_):
+        parts = code.split("^")
+        if len(parts) != 3 or not all(p.strip() for p in parts) or "~" in code:
+            raise ValueError(f"terminology code {code!r} must be 'scheme^value^meaning'")
+    return "~".join([TERMINOLOGY_CONTEXT, category, type_, "^^", REGION_CONTEXT, "^^", "^^"])
+
+
+def _row_terminology(row: dict) -> str:
+    if row.get("terminology"):
+        return str(row["terminology"])
+    category, type_ = str(row.get("category") or "").strip(), str(row.get("type") or "").strip()
+    return terminology_entry(category, type_) if category and type_ else ""
 
 
 def distinct_color(index: int) -> tuple[float, float, float]:
@@ -43,7 +77,9 @@ def distinct_color(index: int) -> tuple[float, float, float]:
 
 
 def labels_from_rows(rows: Iterable[dict]) -> list[SegmentLabel]:
-    """Segment labels from a bundle's label table rows (``value``/``index``, ``name``, optional ``color``).
+    """Segment labels from a bundle's label table rows (``value``/``index``, ``name``, optional ``color``,
+    optional codes ``category``/``type`` or a ready ``terminology`` entry). A background row (value 0) is
+    left out: it gets no segment.
 
     >>> labels_from_rows([{"value": 1, "name": "lesion", "color": "#ff0000"}])
     """
@@ -58,7 +94,9 @@ def labels_from_rows(rows: Iterable[dict]) -> list[SegmentLabel]:
             rgb = tuple(float(c) / (255.0 if max(color) > 1 else 1.0) for c in color)
         else:
             rgb = distinct_color(n)
-        out.append(SegmentLabel(value, name, rgb))  # type: ignore[arg-type]
+        if value == 0 and ("index" in row or "value" in row):
+            continue
+        out.append(SegmentLabel(value, name, rgb, _row_terminology(row)))  # type: ignore[arg-type]
     return out
 
 
@@ -130,6 +168,8 @@ def add_label_array(scene, segmentation_node, reference_node, label_array: np.nd
         segment = segmentation.GetSegment(seg_id)
         segment.SetName(lab.name)
         segment.SetColor(*lab.color)
+        if lab.terminology:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), lab.terminology)
         ids.append(seg_id)
     # Segments follow the label table's order (the import lists them by value, empty ones last).
     first = len(before)

@@ -157,3 +157,39 @@ def test_a_bundle_with_a_malformed_code_is_refused_clearly(tmp_path):
     manifest.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="scheme\\^value\\^meaning"):
         load_bundle(b)
+
+
+def test_slicer_segments_carry_the_same_codes_as_terminology(bundle):
+    """The Slicer module names segments with the bundle's codes, in the format Slicer's own terminology
+    logic (slicer-core's vtkSlicerTerminologiesModuleLogic) reads and writes back unchanged."""
+    import sys
+
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DecipherMR"))
+    from DecipherMRLib.SegmentationWriter import labels_from_rows, terminology_entry, write_segmentation
+
+    rows = load_bundle(bundle).labels["lobes"]
+    scene = slicer.vtkMRMLScene()
+    ref = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(ref)
+    from DecipherMRLib.VolumeBridge import vtk_image_from_array
+
+    labels = np.zeros((8, 9, 10), np.int16)
+    labels[1:4, 2:5, 3:6], labels[5:7, 5:8, 5:9] = 1, 3
+    ref.SetAndObserveImageData(vtk_image_from_array(labels.astype(np.float32)))
+    table = labels_from_rows(rows)
+    assert [t.name for t in table] == LOBES[1:]  # no background segment
+    node = write_segmentation(scene, ref, labels, table)
+    seg = node.GetSegmentation()
+    logic = slicer.vtkSlicerTerminologiesModuleLogic
+    for n, row in enumerate(rows[1:]):
+        segment = seg.GetSegment(seg.GetNthSegmentID(n))
+        tag = segment.GetTerminology()  # vtkSegment: the "TerminologyEntry" tag
+        code = label_codes([row])[0]
+        assert tag == slicer_terminology_entry(code.category, code.type)
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(tag, entry)
+        assert entry.GetTypeObject().GetCodeValue() == code.type[1]
+        assert entry.GetCategoryObject().GetCodingSchemeDesignator() == "SCT"
+        assert logic.SerializeTerminologyEntry(entry) == tag
+    assert terminology_entry("SCT^85756007^Tissue", "SCT^85756007^Tissue") == slicer_terminology_entry(*DEFAULT_CODES)
