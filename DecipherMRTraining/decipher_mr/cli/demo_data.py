@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"number of series (default {DEFAULT_SUBJECTS}: half brain, the rest knee/spine/abdomen; at least 3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes building subjects in parallel (default 1); the files are the same for any number")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     try:
-        manifest = build_demo_corpus(args.out, subjects=args.subjects, seed=args.seed, progress=not args.quiet)
+        manifest = build_demo_corpus(args.out, subjects=args.subjects, seed=args.seed, progress=not args.quiet,
+                                     workers=max(1, args.workers))
     except AssetMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,10 +1,18 @@
 """Evaluate an aligned model: cross-modal retrieval and zero-shot classification by text prompts.
 
-`retrieval` embeds every image and report of a held-out split and reports image→report and
-report→image recall@1/5/10 and median rank (with the chance level of the split), body-region
-retrieval top-3, and zero-shot body region / sequence / lesion classification from prompts such
-as "MRI of the knee", "T2-weighted MRI", "lesion in the left frontal lobe" vs "normal study".
-Writes retrieval.json and retrieval.md (numbers only, never report text).
+`retrieval --bundle` embeds every image and report of a held-out split through the bundle's Session
+(Session.image_embedding of the original files: the embedding users get in the index, the viewer and
+Slicer) and reports image→report and report→image recall@1/5/10 and median rank, volume→report
+body-region precision@5 (with --index: through the index's own search, as 'Reports like this
+volume' shows it), and zero-shot body region / sequence / lesion classification from prompts such
+as "MRI of the knee", "T2-weighted MRI", "lesion in the left frontal lobe" vs "normal study". Every
+figure has a 95% bootstrap interval by study, its count and its chance level; one whose interval
+holds chance is marked "not distinguishable from chance". Writes retrieval.json and retrieval.md
+(numbers only, never report text). `--checkpoint` evaluates an align run's training view instead
+(a diagnostic while training).
+
+`probes` fits k-NN and linear probes on frozen features (Session.image_features) of each --encoder
+bundle and of a random-init encoder of the same architecture: does pretraining help?
 
 `heads` evaluates train-head runs on held-out items next to trivial baselines (majority class, mean,
 empty mask, constant map, centre point); for a segmentation head it also trains MONAI SegResNet from
@@ -12,7 +20,9 @@ scratch with the same split and wall-clock budget and prints both Dice values an
 needs to reach SegResNet's final Dice. Writes heads.json, heads.md and PNG figures.
 
 example:
-  decipher-mr evaluate retrieval --checkpoint runs/align --cache demo/cache --split test
+  decipher-mr evaluate retrieval --bundle demo/bundle.zip --manifest demo/data/manifest.jsonl --index demo/index
+  decipher-mr evaluate probes --encoder "stage 1=runs/vision.zip" --encoder aligned=demo/bundle.zip \
+      --random-like "stage 1" --manifest demo/data/manifest.jsonl --out runs/eval-probes
   decipher-mr evaluate heads --run runs/heads/segment --cache demo/cache --split val test
 """
 
@@ -26,14 +36,35 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    r = sub.add_parser("retrieval", help="retrieval, region top-3 and zero-shot metrics of an aligned model")
-    r.add_argument("--checkpoint", required=True, help="align run folder (or its model/ folder)")
-    r.add_argument("--cache", required=True, help="prepared cache folder")
+    r = sub.add_parser("retrieval", help="retrieval, body-region precision and zero-shot metrics of a bundle through "
+                       "Session (--bundle, what users get), with 95%% intervals; or an align run's training view (--checkpoint)")
+    r.add_argument("--bundle", help="exported model bundle: every embedding is Session.image_embedding of the original file")
+    r.add_argument("--manifest", help="manifest (JSONL) with the split's images and reports (with --bundle)")
+    r.add_argument("--index", help="retrieval index of the bundle (decipher-mr index build): adds 'Reports like this "
+                   "volume' body-region precision@5 through the index's own search")
+    r.add_argument("--device", default="auto", help="device for --bundle (default: auto)")
+    r.add_argument("--checkpoint", help="align run folder: the training view on the prepared cache (a diagnostic, "
+                   "not what users get)")
+    r.add_argument("--cache", help="prepared cache folder (with --checkpoint)")
     r.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    r.add_argument("--out", help="folder for retrieval.json/.md (default: RUN/eval-SPLIT)")
+    r.add_argument("--out", help="folder for retrieval.json/.md (default: next to the bundle or run, eval-SPLIT)")
     r.add_argument("--image-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="image view size (default: the one the model was aligned with)")
     r.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("probes", help="k-NN and linear probes (body region, sequence, lesion) on frozen features of "
+                       "several encoders next to a random-init encoder of the same architecture")
+    p.add_argument("--encoder", action="append", required=True, metavar="NAME=BUNDLE",
+                   help="a bundle to probe (repeat), e.g. 'stage 1=runs/vision.zip' 'aligned=demo/bundle.zip'")
+    p.add_argument("--random-like", metavar="NAME", help="add a random-init encoder with the architecture of encoder NAME")
+    p.add_argument("--manifest", required=True, help="manifest (JSONL) with train and evaluation splits")
+    p.add_argument("--split", default="test", help="split to score (default: test); probes fit on 'train'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (default: 0)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="folder for probes.json/.md")
+    p.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("summary", help="one short table (figure, 95%% interval, n, chance) from evaluation folders")
+    t.add_argument("folders", nargs="+", help="folders holding retrieval.json, probes.json, heads.json")
+    t.add_argument("--out", help="also write the table to this Markdown file")
     h = sub.add_parser("heads", help="task heads of an exported bundle through Session on a manifest, with 95%% "
                        "bootstrap intervals (--bundle); or train-head runs on the prepared cache (--run)")
     h.add_argument("--bundle", help="exported model bundle (folder or zip): evaluate what users run (Session)")
@@ -53,8 +84,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "retrieval" and args.bundle:
+        from decipher_mr.cli.evaluate_served import run_served_retrieval
+
+        return run_served_retrieval(args)
     if args.what == "retrieval":
+        if not (args.checkpoint and args.cache):
+            print("evaluate retrieval: give --bundle and --manifest (what users get), or --checkpoint and --cache",
+                  file=sys.stderr)
+            return 2
         return _retrieval(args)
+    if args.what == "summary":
+        from decipher_mr.cli.evaluate_served import run_summary
+
+        return run_summary(args)
+    if args.what == "probes":
+        from decipher_mr.cli.evaluate_served import run_probes
+
+        return run_probes(args)
     if args.what == "heads":
         from decipher_mr.cli.evaluate_heads import run_heads
 
