@@ -56,42 +56,52 @@ debian-packages:
 
 # The corpus is rebuilt only when missing (delete $(DEMO) or run `make clean-demo` to rebuild).
 $(DEMO)/data/manifest.jsonl: | setup
-	$(CLI) demo-data --out $(DEMO)/data
+	$(CLI) demo-data --out $(DEMO)/data --subjects $(DEMO_SUBJECTS) --workers 2
 
 CFG := DecipherMRTraining/configs
 RUNS := $(DEMO)/runs
-# Iteration counts sized for a CPU demo (about 15-25 minutes on 2 cores in all); raise them for a real model.
+# Sizes for a CPU demo (about 20-25 minutes on 2 cores in all); raise them for a real model.
 DEMO_HEAD_ITERS ?= 150
+# 160 series: 80 brain, 27/27/26 knee/spine/abdomen; the test split has 32 (16 brain), enough for intervals
+DEMO_SUBJECTS ?= 160
+EVAL := $(RUNS)/eval
 
 demo: setup $(DEMO)/data/manifest.jsonl
-	@echo "== 1/7 prepare: canonical orientation, 2 mm spacing, intensity normalisation"
-	$(CLI) prepare $(DEMO)/data/manifest.jsonl --out $(DEMO)/cache --spacing 2,2,2
-	@echo "== 2/7 stage 1, vision: DINOv2 + iBOT on a tiny 3D ViT"
+	@echo "== 1/8 prepare: canonical orientation, 2 mm spacing, intensity normalisation"
+	$(CLI) prepare $(DEMO)/data/manifest.jsonl --out $(DEMO)/cache --spacing 2,2,2 --workers 2
+	@echo "== 2/8 stage 1, vision: DINOv2 + iBOT on a tiny 3D ViT"
 	$(CLI) pretrain-vision --config $(CFG)/vit-small-demo.json --resume data.cache=$(DEMO)/cache run_dir=$(RUNS)/vision
-	@echo "== 3/7 stage 1, text: masked-language modelling of MiniLM on the (generated) reports"
+	@echo "== 3/8 stage 1, text: masked-language modelling of MiniLM on the (generated) reports"
 	$(CLI) pretrain-text --config $(CFG)/text-demo.json cache=$(DEMO)/cache output=$(RUNS)/text
-	@echo "== 4/7 stage 2: CLIP alignment of images and reports, one body region per batch"
+	@echo "== 4/8 stage 2: CLIP alignment of images and reports (organ-aware batches, half of the items in mixed-region ones)"
 	$(CLI) align --config $(CFG)/align-demo.json cache=$(DEMO)/cache output=$(RUNS)/align \
 	  'vision={"export": "$(RUNS)/vision"}' 'text={"path": "$(RUNS)/text/text_encoder", "pooling": "mean", "max_length": 256}'
-	$(CLI) evaluate retrieval --checkpoint $(RUNS)/align --cache $(DEMO)/cache --split test --out $(RUNS)/eval-retrieval
-	@echo "== 5/7 heads on the frozen aligned encoder: segmentation, anomaly, text grounding"
+	@echo "== 5/8 heads on the frozen aligned encoder: segmentation, anomaly, text grounding"
 	@set -e; for task in segment anomaly ground; do \
 	  $(CLI) train-head --task $$task --config $(CFG)/heads-$$task.json cache=$(DEMO)/cache \
 	    'encoder={"aligned": "$(RUNS)/align"}' output=$(RUNS)/heads/$$task iterations=$(DEMO_HEAD_ITERS); done
-	$(CLI) evaluate heads --run $(RUNS)/heads/segment $(RUNS)/heads/anomaly $(RUNS)/heads/ground \
-	  --cache $(DEMO)/cache --split test --baseline-budget 60 --out $(RUNS)/eval-heads
-	@echo "== 6/7 export: one verified model bundle"
+	@echo "== 6/8 export: one verified model bundle (and the stage-1 encoder alone, for the probes)"
 	$(CLI) export --out $(DEMO)/bundle.zip --align $(RUNS)/align --name decipher-mr-demo \
 	  --head segment=$(RUNS)/heads/segment --head anomaly=$(RUNS)/heads/anomaly --head ground=$(RUNS)/heads/ground
 	$(CLI) verify $(DEMO)/bundle.zip
-	@echo "== 7/7 retrieval index of the demo corpus"
+	$(CLI) export --out $(RUNS)/vision-stage1.zip --vision $(RUNS)/vision --preprocess $(DEMO)/cache --name stage-1-encoder
+	@echo "== 7/8 retrieval index of the demo corpus"
 	$(CLI) index build --bundle $(DEMO)/bundle.zip --manifest $(DEMO)/data/manifest.jsonl --out $(DEMO)/index
+	@echo "== 8/8 evaluation through the served path (Session, the index): 95% intervals by study"
+	$(CLI) evaluate retrieval --bundle $(DEMO)/bundle.zip --manifest $(DEMO)/data/manifest.jsonl --index $(DEMO)/index \
+	  --split test --out $(EVAL) --no-progress
+	$(CLI) evaluate heads --bundle $(DEMO)/bundle.zip --manifest $(DEMO)/data/manifest.jsonl --split test --out $(EVAL) --no-progress
+	$(CLI) evaluate probes --encoder "stage 1=$(RUNS)/vision-stage1.zip" --encoder "aligned=$(DEMO)/bundle.zip" \
+	  --random-like "stage 1" --manifest $(DEMO)/data/manifest.jsonl --split test --out $(EVAL) --no-progress
+	@echo
+	@echo "== Demo model, evaluated through what users run (figure, 95% interval by study, n, chance):"
+	@$(CLI) evaluate summary $(EVAL) --out $(EVAL)/summary.md
 	@echo
 	@echo "Demo corpus:   $(DEMO)/data (real Colin27/MNI152 anatomy; generated lesions, reports and phantoms; see its README.md)"
 	@echo "Prepared cache: $(DEMO)/cache"
 	@echo "Stage 1:        $(RUNS)/vision/encoder.safetensors, $(RUNS)/text/text_encoder"
-	@echo "Stage 2:        $(RUNS)/align (retrieval: $(RUNS)/eval-retrieval/retrieval.md)"
-	@echo "Heads:          $(RUNS)/heads (evaluation: $(RUNS)/eval-heads/heads.md)"
+	@echo "Stage 2:        $(RUNS)/align    Heads: $(RUNS)/heads"
+	@echo "Evaluation:     $(EVAL)/summary.md, retrieval.md, heads.md, probes.md"
 	@echo "Model bundle:   $(DEMO)/bundle.zip   Index: $(DEMO)/index"
 	@echo "Try it:         $(CLI) infer --bundle $(DEMO)/bundle.zip --volume $(DEMO)/data/images/brain-000.nii.gz \\"
 	@echo "                  --tasks segment,anomaly --query 'lesion in the right temporal lobe' --out $(DEMO)/infer"
