@@ -58,6 +58,51 @@ def terminology_entry(category: str, type_: str) -> str:
     return "~".join([TERMINOLOGY_CONTEXT, category, type_, "^^", REGION_CONTEXT, "^^", "^^"])
 
 
+def _codes_module():
+    """decipher_mr's label code table (decipher_mr/bundle/codes.py, stdlib only), loaded as a single file so
+    that naming a segment never imports the engine (torch); None when the package is not installed."""
+    global _CODES
+    if _CODES is None:
+        import importlib.util
+
+        _CODES = False
+        try:
+            package = importlib.util.find_spec("decipher_mr")
+        except (ImportError, ValueError):
+            package = None
+        if package is not None and package.submodule_search_locations:
+            path = Path(list(package.submodule_search_locations)[0]) / "bundle" / "codes.py"
+            spec = importlib.util.spec_from_file_location("_decipher_mr_label_codes", path)
+            if path.is_file() and spec is not None and spec.loader is not None:
+                import sys
+
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module  # its dataclasses look their module up there
+                try:
+                    spec.loader.exec_module(module)
+                    _CODES = module
+                except Exception:  # noqa: BLE001 - an unreadable table only costs the default terminology
+                    _CODES = False
+    return _CODES or None
+
+
+_CODES = None
+
+
+def default_terminology(name: str) -> str:
+    """The terminology entry of a segment named ``name`` (a known structure's SNOMED CT codes, as the
+    DICOM-SEG export gives a label table without codes); "" (Slicer's default) without decipher_mr.
+
+    >>> default_terminology("frontal lobe").split("~")[2]
+    'SCT^83251001^Frontal lobe'
+    """
+    codes = _codes_module()
+    if codes is None:
+        return ""
+    category, type_ = codes.default_codes(name)
+    return terminology_entry("^".join(category), "^".join(type_))
+
+
 def _row_terminology(row: dict) -> str:
     if row.get("terminology"):
         return str(row["terminology"])
@@ -168,8 +213,9 @@ def add_label_array(scene, segmentation_node, reference_node, label_array: np.nd
         segment = segmentation.GetSegment(seg_id)
         segment.SetName(lab.name)
         segment.SetColor(*lab.color)
-        if lab.terminology:
-            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), lab.terminology)
+        entry = lab.terminology or default_terminology(lab.name)
+        if entry:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         ids.append(seg_id)
     # Segments follow the label table's order (the import lists them by value, empty ones last).
     first = len(before)

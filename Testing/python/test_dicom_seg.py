@@ -193,3 +193,12 @@ def test_slicer_segments_carry_the_same_codes_as_terminology(bundle):
         assert entry.GetCategoryObject().GetCodingSchemeDesignator() == "SCT"
         assert logic.SerializeTerminologyEntry(entry) == tag
     assert terminology_entry("SCT^85756007^Tissue", "SCT^85756007^Tissue") == slicer_terminology_entry(*DEFAULT_CODES)
+    # a segment named by the engine without a table (text query, names-only results) gets the same codes
+    from DecipherMRLib.SegmentationWriter import SegmentLabel, default_terminology
+
+    named = write_segmentation(scene, ref, labels, [SegmentLabel(1, "left frontal lobe", (1.0, 0.0, 0.0)),
+                                                    SegmentLabel(3, "some finding", (0.0, 1.0, 0.0))])
+    seg = named.GetSegmentation()
+    assert seg.GetSegment(seg.GetNthSegmentID(0)).GetTerminology() == slicer_terminology_entry(*default_codes("frontal lobe"))
+    assert seg.GetSegment(seg.GetNthSegmentID(1)).GetTerminology() == slicer_terminology_entry(*DEFAULT_CODES)
+    assert default_terminology("cerebellum") == slicer_terminology_entry(*default_codes("cerebellum"))
