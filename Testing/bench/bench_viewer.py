@@ -56,38 +56,45 @@ def main() -> int:
         os.environ["DECIPHER_MR_CACHE"] = str(Path(tmp) / "cache")
         bundle = make_bundle(Path(tmp) / "bundle", args.preset, (2.0, 2.0, 2.0))
 
-        server = ViewerServer("--bundle", str(bundle), "--device", "cpu", "--encoder", "turbo-jpeg", "--engine", args.engine, log_dir=Path(tmp))
-        try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-                t = time.perf_counter()
-                page = ViewerPage(browser, server.url)
-                page.open_volume(colin27_t1())
-                page.view_image("Red", settle=0.5)
-                open_s = time.perf_counter() - t
-
-                def query(text: str) -> float:
-                    # the clock runs from Enter to the page's state saying the job ended, watched in the
-                    # page itself every 5 ms (a Python-side poll of the page would add its own interval)
-                    done = page.state("dmr_jobs_done")
-                    page.page.fill("#dmr-query", text)
+        def measure(grid: str):
+            """The viewer with maps on the model grid (now) or resampled onto the input grid (before)."""
+            os.environ["DECIPHER_MR_MAP_GRID"] = grid
+            server = ViewerServer("--bundle", str(bundle), "--device", "cpu", "--encoder", "turbo-jpeg", "--engine", args.engine, log_dir=Path(tmp))
+            try:
+                with sync_playwright() as pw:
+                    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
                     t = time.perf_counter()
-                    page.page.press("#dmr-query", "Enter")
-                    page.page.wait_for_function("(n) => window.trame.state.get('dmr_jobs_done') > n", arg=done,
-                                                polling=5, timeout=600_000)
-                    elapsed = time.perf_counter() - t
-                    job = page.state("dmr_last_job")
-                    assert job == {"name": "query", "outcome": "finished"}, page.state("dmr_error")
-                    return elapsed
+                    page = ViewerPage(browser, server.url)
+                    page.open_volume(colin27_t1())
+                    page.view_image("Red", settle=0.5)
+                    open_s = time.perf_counter() - t
 
-                first_s = query(QUERIES[0])
-                viewer = [query(q) for q in QUERIES[1:1 + repeats]]
-                segments = page.scene("Segmentation")[0]["segments"]
-                assert len(segments) == 1 + repeats, segments
-                browser.close()
-        finally:
-            server.close()
+                    def query(text: str) -> float:
+                        # the clock runs from Enter to the page's state saying the job ended, watched in the
+                        # page itself every 5 ms (a Python-side poll of the page would add its own interval)
+                        done = page.state("dmr_jobs_done")
+                        page.page.fill("#dmr-query", text)
+                        t = time.perf_counter()
+                        page.page.press("#dmr-query", "Enter")
+                        page.page.wait_for_function("(n) => window.trame.state.get('dmr_jobs_done') > n", arg=done,
+                                                    polling=5, timeout=600_000)
+                        elapsed = time.perf_counter() - t
+                        job = page.state("dmr_last_job")
+                        assert job == {"name": "query", "outcome": "finished"}, page.state("dmr_error")
+                        return elapsed
 
+                    first_s = query(QUERIES[0])
+                    viewer = [query(q) for q in QUERIES[1:1 + repeats]]
+                    segments = page.scene("Segmentation")[0]["segments"]
+                    assert len(segments) == 1 + repeats, segments
+                    browser.close()
+            finally:
+                server.close()
+
+            return open_s, first_s, viewer
+
+        runs = {grid: measure(grid) for grid in ("input", "model")}
+        open_s, first_s, viewer = runs["model"]
         session = Session.from_bundle(bundle, device="cpu")
         volume = read_volume(colin27_t1())
         session.ground(volume, "warm-up query")
@@ -98,10 +105,13 @@ def main() -> int:
             engine.append(time.perf_counter() - t)
 
     v, e = statistics.median(viewer), statistics.median(engine)
+    old = statistics.median(runs["input"][2])
     print(f"viewer: page open + Colin27 181x217x181 loaded and drawn: {open_s:.1f} s; first query (worker start, model "
           f"load, encoder pass): {first_s:.1f} s")
     print(f"viewer: text query, Enter -> highlight in the scene and the page: median {v * 1000:.0f} ms over {len(viewer)} "
           f"new queries ({args.preset}, random weights, {args.engine} engine)")
+    print(f"viewer, previous path (maps resampled onto the input grid, DECIPHER_MR_MAP_GRID=input): median "
+          f"{old * 1000:.0f} ms; model-grid maps / previous = {v / old:.2f}x")
     print(f"baseline, Session.ground in-process on the encoded volume: median {e * 1000:.0f} ms; "
           f"ratio viewer / engine = {v / e:.2f}x")
     return 0
