@@ -49,6 +49,23 @@ def test_every_row_goes_through_one_session_encoding_serving_every_head(evaluate
     assert sum("voxel_auroc" in r.get("anomaly", {}) for r in result["items"]) == sum(
         r["labels"]["lesion_present"] for r in rows)
     assert sum("side_correct" in r.get("ground", {}) for r in result["items"]) >= len(brains_with_lesion)
+    # region queries by name on every brain: its largest left and right AAL region
+    for r in result["items"]:
+        sides = [g["side"] for g in r.get("ground_structures", [])]
+        assert sides == (["left", "right"] if r["body_region"] == "brain" else []), r["id"]
+        assert all(g["query"].startswith(g["side"] + " ") for g in r.get("ground_structures", []))
+    assert result["figures"]["ground_structure.side_correct"]["n"] == 2 * sum(r["body_region"] == "brain" for r in rows)
+
+
+def test_structure_queries_name_the_largest_region_of_each_side():
+    regions = np.zeros((6, 6, 6), np.int64)
+    regions[:2] = 3
+    regions[2:3] = 5
+    regions[4:] = 4
+    names = {0: "background", 3: "Frontal_Sup_L", 5: "Precentral_L", 4: "Frontal_Sup_R", 7: "Vermis_3"}
+    assert H.structure_queries(regions, names) == [(3, "left", "left superior frontal gyrus"),
+                                                   (4, "right", "right superior frontal gyrus")]
+    assert H.structure_queries(regions, {0: "background", 3: "femur"}) == []
 
 
 def test_every_figure_has_an_interval_around_it_a_count_and_a_verdict(evaluated):

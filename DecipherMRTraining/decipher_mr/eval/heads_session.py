@@ -14,7 +14,9 @@ session (one encoder pass serves every head):
   ``labels.lesion_location``, the words the demo reports use: "wedge-shaped infarct in the right
   superior temporal pole"); never from report text. Pointing hit (peak inside the lesion; baseline:
   the centre voxel), side correct (peak on the named side of the midline; chance 0.5) and the distance
-  from the peak to the lesion centroid in mm (median; baseline: the centre voxel's distance).
+  from the peak to the lesion centroid in mm (median; baseline: the centre voxel's distance). On maps
+  with sided region names (AAL), the largest left and right regions are queried by name too ("left
+  precentral gyrus"): peak inside that region (baseline: centre voxel) and on its side (chance 0.5).
 
 Sides are judged in RAS (``x_ras = -x_lps``, +x = patient right); the midline is the mid-point of the
 left and right AAL regions' centroids when the row has an AAL map, else the body mask's centroid.
@@ -234,7 +236,39 @@ def evaluate_row(session, row, base: Path, tasks: dict[str, str], template: str)
                       side_correct=float(side_of(-peak_lps[0], mid) == side),
                       lesion_side_agrees=side_of(-c[0], mid) == side)
         rec["ground"] = gr
+    if "ground" in tasks and regions is not None and names:
+        structures = structure_queries(regions, names)
+        if structures:
+            mid, _ = midline_x_ras(image, regions, names, body)
+            centre = tuple(s // 2 for s in image.shape)
+            rec["ground_structures"] = []
+            for value, side, query in structures:
+                g = session.ground(image, query, head=tasks["ground"])
+                peak = [int(v) for v in g.peak_ijk]
+                rec["ground_structures"].append(
+                    {"query": query, "side": side, "hit": float(regions[tuple(peak)] == value),
+                     "centre_hit": float(regions[centre] == value),
+                     "side_correct": float(side_of(-world(image, peak)[0][0], mid) == side)})
     return rec
+
+
+def structure_queries(regions: np.ndarray, names: dict[int, str]) -> list[tuple[int, str, str]]:
+    """(value, side, query) for the largest left and the largest right named region of a map with sides."""
+    counts = np.bincount(np.asarray(regions, np.int64).ravel())
+    out = []
+    for suffix, side in (("_L", "left"), ("_R", "right")):
+        cands = [(int(counts[v]), v) for v, n in names.items() if n.endswith(suffix) and 0 < v < len(counts)]
+        cands = [c for c in cands if c[0] > 0]
+        if cands:
+            value = max(cands)[1]
+            try:
+                from decipher_mr.data.demo.anatomy import aal_name_in_words
+
+                words = aal_name_in_words(names[value])
+            except ImportError:  # pragma: no cover
+                words = names[value].replace("_", " ")
+            out.append((value, side, words))
+    return out
 
 
 # --- the whole split ------------------------------------------------------------------------------
@@ -333,6 +367,13 @@ def figures(records: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) ->
         if sided:
             out["ground.side_correct"] = _est([r["ground"]["side_correct"] for r in sided],
                                               [r["study"] for r in sided], 0.5, **kw)
+    st = [(r["study"], g) for r in records for g in r.get("ground_structures", [])]
+    if st:
+        groups = [s for s, _ in st]
+        centre = [g["centre_hit"] for _, g in st]
+        out["ground_structure.centre_point_hit"] = _est(centre, groups, None, **kw)
+        out["ground_structure.pointing"] = _est([g["hit"] for _, g in st], groups, float(np.mean(centre)), **kw)
+        out["ground_structure.side_correct"] = _est([g["side_correct"] for _, g in st], groups, 0.5, **kw)
     return out
 
 
@@ -341,7 +382,9 @@ SUMMARY = (("segment.mean_dice", "segment: mean Dice per study"),
            ("anomaly.study_auroc", "anomaly: study AUROC (peak score)"),
            ("ground.pointing", "grounding: peak inside lesion"),
            ("ground.side_correct", "grounding: peak on the named side"),
-           ("ground.distance_mm", "grounding: peak to lesion centre, median mm"))
+           ("ground.distance_mm", "grounding: peak to lesion centre, median mm"),
+           ("ground_structure.pointing", "grounding: peak inside the named region"),
+           ("ground_structure.side_correct", "grounding: region query, peak on its side"))
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
