@@ -123,8 +123,10 @@ def _manifest_items(path: Path) -> list[BatchItem]:
 
 def _bids_items(root: Path) -> list[BatchItem]:
     """Anatomical images of a BIDS dataset, found by pybids (a validated layout, derivatives not indexed)."""
-    from bids import BIDSLayout
-
+    try:
+        from bids import BIDSLayout
+    except ImportError as exc:
+        raise ValueError(f"{root}: reading a BIDS dataset needs pybids (pip install 'decipher-mr[bids]')") from exc
     layout = BIDSLayout(str(root), validate=True, derivatives=False)
     files = layout.get(datatype="anat", suffix=list(BIDS_ANAT_SUFFIXES), extension=[".nii", ".nii.gz"],
                        return_type="filename")

@@ -118,7 +118,10 @@ def write_dicom_seg(labels: Volume, label_rows: Sequence[Mapping[str, Any]], des
     ``source`` the DICOM series folder (or its pydicom datasets) that the SEG references. Without one,
     the label map's own geometry is written as an MR series beside ``dest`` and referenced.
     """
-    import highdicom as hd
+    try:
+        import highdicom as hd
+    except ImportError as exc:
+        raise DicomSegError("writing DICOM-SEG needs highdicom (pip install 'decipher-mr[dicom]')") from exc
 
     dest = Path(dest)
     if source is None or (isinstance(source, (str, os.PathLike)) and not Path(source).is_dir()):
