@@ -101,6 +101,21 @@ def test_a_rerun_on_bids_skips_and_the_summary_is_ignored_by_validators(bundle, 
     assert derivative_name_problems(deriv) == []
 
 
+def test_a_badly_named_source_image_is_reported_and_the_rest_is_written(bundle, bids, tmp_path):
+    stray = bids / "sub-01" / "anat" / "T1_scan.nii.gz"
+    write_volume(colin_small(5), stray)
+    try:
+        out = tmp_path / "deriv"
+        assert _run(bundle, bids, "--out", str(out)) == 1
+        with open(out / "infer_summary.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["status"] for r in rows].count("ok") == 3
+        (bad,) = [r for r in rows if r["status"] == "failed"]
+        assert "T1_scan.nii.gz" in bad["error"] and "BIDS" in bad["error"]
+    finally:
+        stray.unlink()
+
+
 def test_the_name_check_catches_a_non_bids_file(bundle, bids):
     deriv = bids / "derivatives" / "decipher-mr"
     stray = deriv / "sub-01" / "anat" / "sub-01_lobes.nii.gz"

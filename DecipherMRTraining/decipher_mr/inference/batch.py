@@ -26,8 +26,6 @@ from typing import Any, Callable, Sequence
 from decipher_mr.storage import atomic_write_json, atomic_write_text
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
-BIDS_ANAT_SUFFIXES = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "T1map", "T2map", "inplaneT1", "inplaneT2",
-                      "angio", "PD", "T2star")
 SUMMARY_CSV = "infer_summary.csv"
 STATE_DIR = ".decipher-mr"
 SUMMARY_COLUMNS = ("id", "input", "status", "seconds", "outputs", "error")
@@ -122,20 +120,23 @@ def _manifest_items(path: Path) -> list[BatchItem]:
 
 
 def _bids_items(root: Path) -> list[BatchItem]:
-    """Anatomical images of a BIDS dataset, found by pybids (a validated layout, derivatives not indexed)."""
-    try:
-        from bids import BIDSLayout
-    except ImportError as exc:
-        raise ValueError(f"{root}: reading a BIDS dataset needs pybids (pip install 'decipher-mr[bids]')") from exc
-    layout = BIDSLayout(str(root), validate=True, derivatives=False)
-    files = layout.get(datatype="anat", suffix=list(BIDS_ANAT_SUFFIXES), extension=[".nii", ".nii.gz"],
-                       return_type="filename")
+    """Anatomical images of a BIDS dataset, found (and their names validated) by
+    :func:`decipher_mr.data.bids_source.scan_bids` (pybids); files it refuses come back as failed items."""
+    from decipher_mr.data.bids_source import scan_bids
+
+    scan = scan_bids(root, validate=True)
     seen: set[str] = set()
     items = []
-    for f in sorted(files):
-        rel = Path(f).resolve().relative_to(root.resolve()).as_posix()
-        name = Path(rel).name
-        items.append(BatchItem(_unique_id(name[: -len(_volume_suffix(name) or "")], seen), str(Path(f)), bids=rel))
+    base = root.resolve()
+    for row in scan.rows:
+        path = Path(row["image"])
+        rel = path.resolve().relative_to(base).as_posix()
+        name = path.name
+        items.append(BatchItem(_unique_id(name[: -len(_volume_suffix(name) or "")], seen), str(path), bids=rel))
+    for problem in scan.problems:
+        where = problem.split(": ", 1)[0]
+        if _volume_suffix(where):  # an image the scan refused (e.g. not a valid BIDS name)
+            items.append(BatchItem(_unique_id(Path(where).name.split(".")[0], seen), where, error=problem))
     return items
 
 
