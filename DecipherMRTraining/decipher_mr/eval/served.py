@@ -101,6 +101,21 @@ def region_precision(sim: torch.Tensor, regions: Sequence[str], k: int, groups: 
     return mean_estimate(per_query, groups, chance=chance)
 
 
+def within_region_recall(sim: torch.Tensor, regions: Sequence[str], k: int, groups: Sequence[Any]) -> dict[str, Any]:
+    """Image→report R@k among the reports of the query's own body region only (findings, sides and sequences
+    must separate them; the region does not help); chance: the mean of min(1, k / reports of that region)."""
+    labels = np.array([r or "unknown" for r in regions])
+    hits, chances = [], []
+    for i, lab in enumerate(labels):
+        same = np.flatnonzero(labels == lab)
+        row = sim[i, same]
+        own = float(sim[i, i])
+        rank = int((row > own).sum() + (row == own).sum() - 1) + 1
+        hits.append(float(rank <= k))
+        chances.append(min(1.0, k / len(same)))
+    return mean_estimate(hits, groups, chance=float(np.mean(chances)))
+
+
 def index_region_precision(session, rows: Sequence[Any], index, k: int = 5, progress: bool = True) -> dict[str, Any]:
     """*Reports like this volume* as users get it: ``Session.retrieve_reports(volume, index=...)`` for each
     volume; precision@k of hits from the volume's body region (the volume's own report excluded)."""
@@ -147,6 +162,7 @@ def evaluate_served(session, manifest: str | Path, split: str = "test", index: s
                                                chance=(n + 1) / 2, higher_is_better=False)
     regions = [r.body_region for r in kept]
     figs["volume→report body-region precision@5 (split)"] = region_precision(sim, regions, 5, groups)
+    figs["image→report R@5 within the body region"] = within_region_recall(sim, regions, 5, groups)
     encode = session.embed_text
     names = sorted({r for r in regions if r})
     figs["zero-shot body region (balanced accuracy)"] = zero_shot_class(
