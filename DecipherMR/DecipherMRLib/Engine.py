@@ -143,6 +143,7 @@ class WorkerEngine:
         self.python = python
         self.target = target if target is not None and getattr(target, "remote", False) else None
         self._sent: set[str] = set()  # volume keys the current remote worker holds
+        self._keys: dict = {}  # id(volume) -> (weak reference, content key) of read-only snapshots
         self.worker_args = list(worker_args)  # more `decipher-mr worker` options, e.g. ["--max-tokens", "1024"]
         self.map_precision = map_precision  # remote maps: "exact", or "float16" (smaller, error <= 2.4e-4)
         self.cancel_grace_s = float(cancel_grace_s)
@@ -182,17 +183,27 @@ class WorkerEngine:
         progress(1.0, "Connected")
         return self.info()
 
+    def _key(self, volume) -> str:
+        """The volume's content key, computed once per volume object (the panel hands the same read-only
+        snapshot again while a node is unchanged, so a new query on it hashes nothing)."""
+        import weakref
+
+        from decipher_mr.inference.transport import volume_key
+
+        held = self._keys.get(id(volume))
+        if held is not None and held[0]() is volume:
+            return held[1]
+        key = volume_key(volume)
+        if not getattr(volume.array, "flags", None) or volume.array.flags.writeable:
+            return key  # a caller's own array may change in place: hash it every time
+        self._keys = {i: h for i, h in self._keys.items() if h[0]() is not None}
+        self._keys[id(volume)] = (weakref.ref(volume), key)
+        return key
+
     def _volume_file(self, volume) -> str:
-        import hashlib
-
-        import numpy as np
-
         from decipher_mr.data.volume import write_volume
 
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(np.ascontiguousarray(volume.array).tobytes())
-        digest.update(repr((volume.array.dtype.str, volume.shape, volume.spacing, volume.origin, volume.direction.round(9).tolist())).encode())
-        path = self.folder / "in" / f"{digest.hexdigest()}.nrrd"
+        path = self.folder / "in" / f"{self._key(volume)}.nrrd"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_volume(volume, path, compress=False)
@@ -252,9 +263,9 @@ class WorkerEngine:
 
     def _send_volume(self, client, volume, progress: ProgressFn, cancel: threading.Event) -> str:
         """Send the volume to the remote worker once (it keeps it); returns the ``upload:<key>`` reference."""
-        from decipher_mr.inference.transport import encode_volume, volume_key
+        from decipher_mr.inference.transport import encode_volume
 
-        key = volume_key(volume)
+        key = self._key(volume)
         if key not in self._sent:
             progress(0.0, f"Sending the volume to {self.target.label()}")
             self._wait(client, client.submit("put_volume", {"key": key, "volume": encode_volume(volume)}), cancel)

@@ -59,6 +59,9 @@ class InferenceRunner:
         self._job = ""
         self._apply: Callable[[Any], Any] | None = None
         self._on_cancel: Callable[[], None] | None = None
+        # Called on the job's thread after each event is queued, so a loop that can be woken from another
+        # thread (the viewer's asyncio loop) delivers it at once instead of at its next poll.
+        self.notify: Callable[[], None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -80,18 +83,26 @@ class InferenceRunner:
         self._cancel = threading.Event()
         self._events = queue.Queue()
         self._set_state(RunState.RUNNING)
-        events, cancel = self._events, self._cancel
+        events, cancel, notify = self._events, self._cancel, self.notify
+
+        def put(event: tuple) -> None:
+            events.put(event)
+            if notify is not None:
+                try:
+                    notify()
+                except Exception:  # e.g. the loop already closed: poll() still finds the event
+                    pass
 
         def report(fraction: float, message: str = "") -> None:
-            events.put(("progress", (max(0.0, min(1.0, float(fraction))), str(message))))
+            put(("progress", (max(0.0, min(1.0, float(fraction))), str(message))))
 
         def body() -> None:
             try:
                 result = work(report, cancel)
             except BaseException as exc:  # the thread must always report back, whatever happened
-                events.put(("error", (exc, traceback.format_exc())))
+                put(("error", (exc, traceback.format_exc())))
             else:
-                events.put(("result", result))
+                put(("result", result))
 
         self._thread = threading.Thread(target=body, name=f"DecipherMR-{name}", daemon=True)
         self._thread.start()

@@ -55,24 +55,51 @@ def array_from_volume_node(node) -> np.ndarray:
     return scalars.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0)
 
 
+# Snapshots of unchanged volume nodes, reused: a query on the same volume neither copies its voxels again
+# nor makes the engine hash them again (Engine keys a snapshot once). A few nodes, most recent last.
+SNAPSHOTS_KEPT = 4
+_snapshots: dict = {}  # (scene address, node id) -> (signature, Volume)
+
+
+def _signature(node) -> tuple:
+    """What changes when a node's voxels or geometry change: the scalars array (its identity and MTime, which
+    ``slicer.util.arrayFromVolumeModified`` bumps), the image data's MTime and dimensions, IJKToRAS, name."""
+    image = node.GetImageData()
+    scalars = image.GetPointData().GetScalars()
+    return (scalars.GetAddressAsString("vtkDataArray"), scalars.GetMTime(), image.GetMTime(), image.GetDimensions(),
+            tuple(ijk_to_ras(node).ravel()), node.GetName())
+
+
 def volume_from_node(node):
-    """A ``decipher_mr`` Volume (array [i, j, k] + LPS geometry) from a scalar volume node.
+    """A ``decipher_mr`` Volume (array [i, j, k] + LPS geometry) from a scalar volume node: a read-only
+    snapshot, the same object again while the node's voxels and geometry are unchanged.
 
     >>> vol = volume_from_node(slicer.util.getNode("MRHead"))
     """
     from decipher_mr.data.volume import Volume
 
     array = array_from_volume_node(node)
+    scene = node.GetScene()
+    key = (scene.GetAddressAsString("vtkMRMLScene") if scene is not None else None, node.GetID())
+    signature = _signature(node) if key[1] else None
+    cached = _snapshots.pop(key, None)
+    if cached is not None and signature is not None and cached[0] == signature:
+        _snapshots[key] = cached
+        return cached[1]
     affine = ijk_to_ras(node)
     lps = _LPS_FROM_RAS @ affine[:3, :]
     spacing = np.asarray(node.GetSpacing(), dtype=np.float64)
-    return Volume(
-        array=np.ascontiguousarray(array),
-        spacing=tuple(spacing),
-        origin=tuple(lps[:, 3]),
-        direction=lps[:, :3] / spacing,
-        path=node.GetName(),
-    )
+    snapshot = np.ascontiguousarray(array)
+    if snapshot is array or np.shares_memory(snapshot, array):  # a 1-slice volume: the view is contiguous
+        snapshot = snapshot.copy()
+    snapshot.flags.writeable = False  # shared by every run on this volume: nobody may change it in place
+    volume = Volume(array=snapshot, spacing=tuple(spacing), origin=tuple(lps[:, 3]), direction=lps[:, :3] / spacing,
+                    path=node.GetName())
+    if signature is not None:
+        _snapshots[key] = (signature, volume)
+        while len(_snapshots) > SNAPSHOTS_KEPT:
+            _snapshots.pop(next(iter(_snapshots)))
+    return volume
 
 
 def add_volume_from_decipher(scene, volume, name: str | None = None):

@@ -16,6 +16,7 @@ Slicer widget does the same from a QTimer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -135,10 +136,7 @@ class ViewerApp:
         s.dmr_volume_path = ""
         s.dmr_volumes = []
         s.dmr_volume_id = None
-        s.dmr_busy = False
-        s.dmr_job = ""
-        s.dmr_progress = 0
-        s.dmr_message = ""
+        s.dmr_busy, s.dmr_job, s.dmr_progress, s.dmr_message = False, "", 0, ""
         s.dmr_status = "Load a volume, then segment it, map anomalies, ask a question or look for similar cases."
         s.dmr_error = ""
         s.dmr_query = ""
@@ -147,10 +145,7 @@ class ViewerApp:
         s.dmr_opacity = 0.5
         s.dmr_has_heatmap = False
         s.dmr_threshold = 0.5
-        s.dmr_hits = []
-        s.dmr_hits_title = ""
-        s.dmr_selected_hit = None
-        s.dmr_report = ""
+        s.dmr_hits, s.dmr_hits_title, s.dmr_selected_hit, s.dmr_report = [], "", None, ""
         s.dmr_scene = []
         s.dmr_highlight = None
         s.dmr_jobs_done = 0
@@ -182,11 +177,11 @@ class ViewerApp:
                 raise ValueError("type the path of a model bundle (a folder or a .zip)")
             if self.target is not None:  # paths on the GPU server: checked there when the engine starts
                 index, t = self.state.dmr_index.strip() or None, self.target
-                self.logic.configure(bundle, device=self.state.dmr_device, index=index, engine=t.label(),
-                                     identity=t.identity, remote_command=t.remote_command)
+                self.logic.configure(bundle, device=self.state.dmr_device, index=index, engine=t.label(), identity=t.identity,
+                                     remote_command=t.remote_command, ssh_config=t.ssh_config)
                 with self.state:
                     self.state.dmr_configured, self.state.dmr_error = True, ""
-                    self.state.dmr_model_info = f"{Path(bundle).name} on {t.label()} (loaded there on the first run)"
+                    self.state.dmr_model_info = f"{bundle} on {t.label()} (loaded there on the first run)"
                 return
             typed_bundle, bundle = bundle, str(self.data_roots.check(bundle, "model bundle"))
             if not Path(bundle).exists():
@@ -202,12 +197,9 @@ class ViewerApp:
             self.logic.configure(bundle, device=self.state.dmr_device, index=index)
             heads = ", ".join(sorted(report.get("heads", {})))
             with self.state:
-                self.state.dmr_configured = True
-                self.state.dmr_error = ""
-                name = report.get("name") or Path(bundle).name
-                self.state.dmr_model_info = (
-                    f"{name}: verified" + (f"; heads {heads}" if heads else "") + (f"; index {Path(index).name}" if index else "; no index")
-                )
+                self.state.dmr_configured, self.state.dmr_error = True, ""
+                self.state.dmr_model_info = (f"{report.get('name') or Path(bundle).name}: verified" + (
+                    f"; heads {heads}" if heads else "") + (f"; index {Path(index).name}" if index else "; no index"))
 
         self._guard("Model bundle", do)
 
@@ -409,12 +401,16 @@ class ViewerApp:
         return self.logic.runner.poll()
 
     async def _poll_forever(self) -> None:
+        wake, loop = asyncio.Event(), asyncio.get_running_loop()  # the job wakes the loop: no POLL_S wait
+        self.logic.runner.notify = lambda: loop.call_soon_threadsafe(wake.set)
         while True:
             try:
                 self.poll()
             except Exception:  # the loop must survive anything a job does
                 log.exception("DecipherMR viewer: poll failed")
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), POLL_S)
+            wake.clear()
 
     def _on_ready(self, **_):
         from trame_server.utils.asynchronous import create_task
@@ -438,6 +434,10 @@ class ViewerApp:
             self.state.dmr_status = status
             self.state.dmr_jobs_done = int(self.state.dmr_jobs_done) + 1
             self.state.dmr_last_job = {"name": name, "outcome": outcome}
+            if self.target is not None and self.logic.engineInfo():  # what the GPU server loaded
+                from DecipherMRLib.PanelInputs import engine_summary
+
+                self.state.dmr_model_info = engine_summary(self.logic.engineInfo(), self.target.label())
         self.refresh_scene()
 
     def _on_finished(self, name: str, result: Any) -> None:
