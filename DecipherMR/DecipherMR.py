@@ -225,7 +225,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBundlePathChanged(self, path):
         from DecipherMRLib.PanelInputs import bundle_location
 
-        location = bundle_location(path)
+        location = bundle_location(path, remote=self.logic.isRemoteEngine(getattr(self._parameterNode, "engine", "")))
         if location != path:  # a folder's config.json was picked: the bundle is the folder
             self.ui.bundlePathLineEdit.currentPath = location
             return
@@ -254,7 +254,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = self.logic.runner.state.value == "running"
     # --- runs -------------------------------------------------------------------------------
     def _run(self, start):
-        if not self.logic.dependenciesReady() and not self.onDependencies():
+        if not self.logic.dependenciesReady(getattr(self._parameterNode, "engine", "") or "local") and not self.onDependencies():
             return
         try:
             p = self._parameterNode

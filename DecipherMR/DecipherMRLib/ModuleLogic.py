@@ -40,13 +40,16 @@ class ModuleLogic:
 
     # --- configuration -------------------------------------------------------------------------
     def configure(self, bundle: str, device: str = "auto", index: str | None = None, engine: str = "local",
-                  port: int | None = None, identity: str | None = None, remote_command: str | None = None) -> None:
+                  port: int | None = None, identity: str | None = None, remote_command: str | None = None,
+                  ssh_config: str | None = None) -> None:
         """Choose the bundle, device, retrieval index and where the engine runs; a change restarts the
         engine on next use.
 
         ``engine`` is ``"local"`` (a worker process on this machine) or ``user@host`` (the worker started on a
         GPU server through ssh; ``port``, ``identity`` (a private key file) and ``remote_command`` (default
-        ``decipher-mr``) as needed). For a remote engine, ``bundle`` and ``index`` are paths on the server.
+        ``decipher-mr``, ``ssh_config`` an ``ssh -F`` file) as needed. For a remote engine, ``bundle`` and
+        ``index`` are paths on the server: nothing checks them on this machine; :meth:`engineInfo` says what
+        the server loaded.
 
         >>> logic.configure("/srv/models/bundle.zip", device="cuda", engine="alice@gpu-server", identity="~/.ssh/id_ed25519")
         """
@@ -54,7 +57,8 @@ class ModuleLogic:
 
         if not bundle:
             raise ValueError("choose a model bundle (a folder or a .zip) first")
-        target = EngineTarget.parse(engine, port=port or None, identity=identity or None, remote_command=remote_command)
+        target = EngineTarget.parse(engine, port=port or None, identity=identity or None, remote_command=remote_command,
+                                    ssh_config=ssh_config or None)
         config = (str(bundle), device or "auto", index or None, target)
         if config != self._config:
             self.shutdown()
@@ -65,9 +69,22 @@ class ModuleLogic:
         """True when the configured engine runs on another machine."""
         return self._config is not None and self._config[3].remote
 
-    def dependenciesReady(self) -> bool:
-        """True when torch and decipher_mr can be imported (checked without importing them)."""
-        return all(importlib.util.find_spec(name) is not None for name in ("torch", "decipher_mr"))
+    @staticmethod
+    def isRemoteEngine(engine: str | None) -> bool:
+        """Whether an engine setting names another machine (anything but empty or ``local``), judged without
+        importing decipher_mr (the dependency check runs before it may be installed)."""
+        return str(engine or "").strip().lower() not in ("", "local")
+
+    def dependenciesReady(self, engine: str | None = None) -> bool:
+        """True when this machine has what a run needs (checked without importing anything): torch and
+        decipher_mr for a local engine; for a remote one (``engine`` ``user@host``, or the configured one)
+        only decipher_mr's client side: the model, and torch, run on the server.
+
+        >>> logic.dependenciesReady("alice@gpu-server")     # True on a laptop without torch
+        """
+        remote = self.isRemoteEngine(engine) if engine is not None else self.remote
+        needed = ("decipher_mr", "numpy") if remote else ("torch", "decipher_mr")
+        return all(importlib.util.find_spec(name) is not None for name in needed)
 
     def engine(self):
         if self._config is None:

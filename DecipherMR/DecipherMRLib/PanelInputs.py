@@ -9,7 +9,7 @@ Slicer), so restoring one value can never overwrite another and typing a path wr
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,18 +28,21 @@ SETTINGS_KEYS = {
 BUNDLE_CONFIG = "config.json"
 
 
-def bundle_location(chosen: str) -> str:
+def bundle_location(chosen: str, remote: bool = False) -> str:
     """The bundle a chosen path names: a ``.zip``, a folder, or a folder's ``config.json`` (the file a
-    file dialog can pick) meaning its folder.
+    file dialog can pick) meaning its folder. With a ``remote`` engine the path is a path on the server:
+    it is taken as typed (nothing is looked up on this machine), a ``config.json`` still meaning its folder.
 
     >>> bundle_location("/models/decipher-demo/config.json")
     '/models/decipher-demo'
+    >>> bundle_location("/srv/models/not-on-this-laptop.zip", remote=True)
+    '/srv/models/not-on-this-laptop.zip'
     """
     text = str(chosen or "").strip()
     if not text:
         return ""
-    path = Path(text)
-    if path.name == BUNDLE_CONFIG and path.is_file():
+    path = Path(text) if not remote else PurePosixPath(text)
+    if path.name == BUNDLE_CONFIG and (remote or Path(text).is_file()):
         return str(path.parent)
     return text
 

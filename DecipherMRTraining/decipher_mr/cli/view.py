@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remote = parser.add_argument_group("remote engine (--engine USER@HOST)")
     remote.add_argument("--ssh-port", type=int, default=None, help="the server's ssh port (default: 22 or your ssh config)")
     remote.add_argument("--ssh-key", default=None, help="private key file (default: your ssh agent and config)")
+    remote.add_argument("--ssh-config", default=None, metavar="FILE", help="an ssh configuration file (ssh -F; default: yours)")
     remote.add_argument("--remote-command", default=None,
                         help="how the server runs the engine (default: decipher-mr on its PATH)")
     parser.add_argument("--encoder", default="turbo-jpeg", choices=("turbo-jpeg", "jpeg", "png", "webp"),
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             target = EngineTarget.parse(args.engine, port=args.ssh_port, identity=args.ssh_key,
-                                        remote_command=args.remote_command)
+                                        remote_command=args.remote_command, ssh_config=args.ssh_config)
         except ValueError as exc:
             print(f"decipher-mr view: --engine: {exc}", file=sys.stderr)
             return 2
