@@ -63,6 +63,7 @@ def main() -> int:
         return 0
     repeats = min(args.repeats, len(QUERIES) - 1)
     volume = read_volume(colin27_t1())
+    volume.array.flags.writeable = False  # as the panel's snapshot of a volume node: the engine keys it once
     worker = f"env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {Path(sys.executable).with_name('decipher-mr')}"
     cancel = threading.Event()
     with tempfile.TemporaryDirectory() as tmp, LoopbackSSHServer(Path(tmp) / "sshd") as server:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,48 @@ def test_volumes_and_maps_cross_in_band_exactly(colin27):
     heat = dataclasses.replace(colin27, array=np.random.default_rng(0).random(colin27.shape, dtype=np.float32))
     assert np.array_equal(decode_volume(encode_volume(heat)).array, heat.array)
     assert np.abs(decode_volume(encode_volume(heat, precision="float16")).array - heat.array).max() <= 2.5e-4
+
+
+def test_noise_byte_planes_are_stored_and_the_rest_compressed_losslessly(colin27):
+    from decipher_mr.inference.transport import decode_array, encode_array
+
+    rng = np.random.default_rng(1)
+    smooth = np.linspace(0, 1, 64 * 48 * 40, dtype=np.float32).reshape(64, 48, 40) + rng.random((64, 48, 40), np.float32) * 1e-3
+    blob = encode_array(smooth)
+    kinds = [kind for kind, _ in blob["planes"]]
+    assert kinds[0] == "raw" and kinds[-1] == "zlib"  # the low mantissa byte is noise, the exponent byte is not
+    assert np.array_equal(decode_array(blob), smooth)
+    for array in (colin27.array, (smooth * 1000).astype(np.int16), smooth > 0.5, np.zeros((0, 2, 3), np.float32),
+                  np.arange(24, dtype=">i4").reshape(2, 3, 4)):
+        back = decode_array(encode_array(array))
+        assert np.array_equal(back, array) and back.shape == array.shape
+    for planes in ([["raw", 5]], [["zip", 1]] * 4, [["raw", -1]] * 4, [["raw", 10**9]] * 4):
+        with pytest.raises(ValueError):
+            decode_array({**blob, "planes": planes})
+
+
+def test_the_panel_snapshot_of_an_unchanged_node_is_reused_and_hashed_once():
+    pytest.importorskip("slicer")
+    import slicer.util  # noqa: F401
+    from DecipherMRLib.Engine import WorkerEngine
+    from DecipherMRLib.VolumeBridge import array_from_volume_node, volume_from_node
+    from slicer_scenes import add_colin27, scene_with_slice_views
+
+    scene = scene_with_slice_views()
+    node = add_colin27(scene)
+    first = volume_from_node(node)
+    assert volume_from_node(node) is first and not first.array.flags.writeable
+    engine = WorkerEngine("b.zip", device="cpu")
+    try:
+        key = engine._key(first)
+        assert engine._key(first) == key and id(first) in engine._keys
+        array_from_volume_node(node)[3, 4, 5] += 1  # edited in place, as slicer.util.arrayFromVolume does
+        node.GetImageData().GetPointData().GetScalars().Modified()  # arrayFromVolumeModified
+        second = volume_from_node(node)
+        assert second is not first and second.array[3, 4, 5] == first.array[3, 4, 5] + 1
+        assert engine._key(second) != key
+    finally:
+        engine.close()
 
 
 def test_segment_anomaly_query_and_retrieval_through_ssh_match_the_local_worker(server, bundle_and_index, colin27):
@@ -239,3 +282,103 @@ def test_the_panel_logic_runs_on_a_remote_engine_and_leaves_the_scene_alone_on_f
         assert failures and "refused the key" in failures[-1] and scene.GetNumberOfNodes() == nodes
     finally:
         logic.shutdown()
+
+
+NO_TORCH_RUN = """
+import sys
+sys.modules["torch"] = None  # this laptop has no torch: importing it fails, find_spec says it is missing
+sys.path[:0] = sys.argv[1:3]
+import importlib.util
+from DecipherMRLib.ModuleLogic import ModuleLogic
+from DecipherMRLib.PanelInputs import bundle_location
+from DecipherMRLib.Runner import RunState
+from slicer_scenes import add_colin27, scene_with_slice_views
+
+bundle, engine, key, command, config = sys.argv[3:8]
+assert importlib.util.find_spec("torch") is None
+scene = scene_with_slice_views()
+logic = ModuleLogic(scene)
+assert not logic.dependenciesReady("local") and logic.dependenciesReady(engine)
+assert bundle_location(bundle, remote=True) == bundle  # a server path, not on this disk
+failures = []
+logic.runner.failed.connect(lambda name, message, details: failures.append(message))
+logic.configure(bundle, device="cpu", engine=engine, identity=key, remote_command=command, ssh_config=config)
+assert logic.remote and logic.dependenciesReady()
+logic.query(add_colin27(scene), "left frontal lobe")
+assert logic.runner.wait() is RunState.IDLE and not failures, failures
+assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
+info = logic.engineInfo()
+logic.shutdown()
+assert sys.modules["torch"] is None and not [m for m in sys.modules if m.startswith("torch.")]
+print("ENGINE", info["fingerprint"], info["device"])
+"""
+
+
+def test_a_laptop_without_torch_runs_the_panel_logic_on_a_remote_engine(server, bundle_and_index, tmp_path):
+    """The dependency check asks a remote engine's laptop for no torch, and a whole query then runs with
+    torch unimportable here (it loads on the server only); the bundle path is the server's, taken as typed."""
+    pytest.importorskip("slicer")
+    import subprocess
+
+    served = tmp_path / "server-only" / "bundle"  # a path that exists on the "server" side only
+    served.parent.mkdir()
+    served.symlink_to(Path(bundle_and_index[0]).resolve())
+    run = subprocess.run([sys.executable, "-c", NO_TORCH_RUN, str(HERE.parents[1] / "DecipherMR"), str(HERE), str(served),
+                          server.engine, str(server.user_key), WORKER, str(server.client_config)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "ENGINE " in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.split("ENGINE ")[1].split()[1] == "cpu"
+
+
+def test_the_viewer_over_ssh_serves_its_page_and_answers_a_query_through_its_websocket(server, bundle_and_index, tmp_path):
+    """`decipher-mr view --engine user@127.0.0.1 ...`: the page is served, and a query sent as the page sends
+    it (wslink over the websocket: the query field's Enter trigger) runs on the remote engine and lands in
+    the viewer's scene; the panel then names what the server loaded."""
+    pytest.importorskip("trame_slicer")
+    import asyncio
+    import re
+    import time
+
+    import aiohttp
+    from browser import ViewerServer, Wslink
+    from decipher_mr.assets import colin27_t1
+
+    viewer = ViewerServer("--engine", server.engine, "--ssh-key", str(server.user_key), "--ssh-config",
+                          str(server.client_config), "--remote-command", WORKER, "--bundle", bundle_and_index[0],
+                          "--device", "cpu", "--volume", str(colin27_t1()), log_dir=tmp_path)
+
+    async def session() -> dict:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{viewer.base}index.html?secret={viewer.token}") as page:
+                assert page.status == 200 and '<div id="app">' in await page.text()
+            async with http.ws_connect(f"ws://localhost:{viewer.port}/ws?secret={viewer.token}") as ws:
+                client = Wslink(ws)
+                assert "result" in await client.hello(viewer.token)
+
+                async def state() -> dict:
+                    return (await client.call("trame.state.get"))["result"]["state"]
+
+                s = await state()
+                while not s.get("dmr_volumes"):  # the volume given on the command line is loaded at start
+                    await asyncio.sleep(0.2)
+                    s = await state()
+                field = re.search(r'<VTextField id="dmr-query"[^>]*>', str(s["trame__template_main"])).group(0)
+                trigger = re.search(r"@keydown.enter=\"trigger\('([^']+)'", field).group(1)  # what the page's Enter calls
+                answer = await client.call("trame.trigger", [trigger, ["left frontal lobe"], {}])
+                assert "error" not in answer, answer
+                deadline = time.monotonic() + 600
+                while s.get("dmr_jobs_done", 0) < 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    s = await state()
+                return s
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            s = pool.submit(asyncio.run, session()).result()
+    finally:
+        viewer.close()
+    assert s["dmr_last_job"] == {"name": "query", "outcome": "finished"}, (s.get("dmr_error"), viewer.log()[-3000:])
+    assert s["dmr_highlight"] and len(s["dmr_highlight"]["ras"]) == 3
+    assert [item["segments"] for item in s["dmr_scene"] if "segments" in item] == [["left frontal lobe"]]
+    assert "on " + server.engine in s["dmr_model_info"] and "cpu" in s["dmr_model_info"]
+    assert "left frontal lobe" not in viewer.log()  # the query text is never logged

@@ -26,7 +26,7 @@ pytest.importorskip("trame_slicer")
 aiohttp = pytest.importorskip("aiohttp")
 msgpack = pytest.importorskip("msgpack")
 
-from browser import ROOT, ViewerPage, ViewerServer, free_port, headless_chromium  # noqa: E402
+from browser import ROOT, ViewerPage, ViewerServer, Wslink, free_port, headless_chromium  # noqa: E402
 
 REFUSAL = "needs its access token"
 MB = 2**20
@@ -85,47 +85,6 @@ async def _get(url: str, **kwargs) -> tuple[int, str, dict]:
     async with aiohttp.ClientSession() as session:
         async with session.get(url, allow_redirects=False, **kwargs) as response:
             return response.status, await response.text(), dict(response.headers)
-
-
-class Wslink:
-    """A bare wslink client: msgpack messages in wslink's chunk framing, as the trame page sends them."""
-
-    def __init__(self, ws) -> None:
-        from wslink.chunking import UnChunker
-
-        self.ws, self.unchunker, self.n = ws, UnChunker(), 0
-        self.unchunker.set_max_message_size(1 << 30)
-        self.client = "c0"
-
-    async def send(self, message: dict, chunk: int = 512 * 1024, only_first: bool = False) -> None:
-        from wslink.chunking import generate_chunks
-
-        for piece in generate_chunks(msgpack.packb(message, use_bin_type=True), chunk):
-            await self.ws.send_bytes(piece)
-            if only_first:
-                return
-
-    async def reply(self, rpc_id: str, timeout: float = 30.0) -> dict:
-        while True:
-            msg = await self.ws.receive(timeout=timeout)
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise ConnectionError(f"websocket {msg.type.name}")
-            full = self.unchunker.process_chunk(msg.data)
-            if full is not None and full.get("id") == rpc_id:
-                return full
-
-    async def hello(self, secret: str) -> dict:
-        await self.send({"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}], "kwargs": {}})
-        answer = await self.reply("system:c0:0")
-        if "result" in answer:
-            self.client = answer["result"]["clientID"]
-        return answer
-
-    async def call(self, method: str, args=(), kwargs=None, **send) -> dict:
-        self.n += 1
-        rpc_id = f"rpc:{self.client}:{self.n}"
-        await self.send({"wslink": "1.0", "id": rpc_id, "method": method, "args": list(args), "kwargs": kwargs or {}}, **send)
-        return await self.reply(rpc_id)
 
 
 def _ws_url(viewer, query: str = "") -> str:
