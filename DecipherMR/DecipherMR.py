@@ -103,7 +103,7 @@ class DecipherMRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DecipherMRLogic()
 
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(50)
+        self._pollTimer.setInterval(10)  # runs only while a job does: a result is applied within 10 ms
         self._pollTimer.timeout.connect(self.onPoll)
         runner = self.logic.runner
         runner.stateChanged.connect(self.onRunStateChanged)
