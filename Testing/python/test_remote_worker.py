@@ -111,6 +111,12 @@ def test_noise_byte_planes_are_stored_and_the_rest_compressed_losslessly(colin27
                   np.arange(24, dtype=">i4").reshape(2, 3, 4)):
         back = decode_array(encode_array(array))
         assert np.array_equal(back, array) and back.shape == array.shape
+    import base64
+    import zlib
+
+    shuffled = smooth.reshape(-1).view(np.uint8).reshape(-1, 4).T.tobytes()  # one zlib stream, as first sent
+    one_stream = {k: v for k, v in blob.items() if k != "planes"}
+    assert np.array_equal(decode_array({**one_stream, "data": base64.b64encode(zlib.compress(shuffled)).decode()}), smooth)
     for planes in ([["raw", 5]], [["zip", 1]] * 4, [["raw", -1]] * 4, [["raw", 10**9]] * 4):
         with pytest.raises(ValueError):
             decode_array({**blob, "planes": planes})

@@ -219,28 +219,34 @@ def encode_array(array: np.ndarray, level: int = ZLIB_LEVEL) -> dict[str, Any]:
     return blob
 
 
-def _unpack(blob: dict[str, Any], dtype: np.dtype, count: int) -> bytes:
-    """The array's bytes (still shuffled if ``shuffle``) from ``data``: one zlib stream, or byte planes."""
+def _unpack(blob: dict[str, Any], dtype: np.dtype, count: int) -> np.ndarray:
+    """The array's values (flat, ``dtype``) from ``data``: one zlib stream (shuffled or not), or byte planes
+    written straight into place."""
     data = base64.b64decode(blob["data"], validate=True)
     layout = blob.get("planes")
     if layout is None:
-        return zlib.decompress(data)
+        raw = zlib.decompress(data)
+        if len(raw) != count * dtype.itemsize:
+            raise ValueError(f"{len(raw)} bytes for {count} values of {dtype}")
+        if blob.get("shuffle") and dtype.itemsize > 1:
+            return np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(-1)
+        return np.frombuffer(raw, dtype=dtype)
     if not isinstance(layout, list) or len(layout) != dtype.itemsize or not blob.get("shuffle"):
         raise ValueError("'planes' must list one [kind, bytes] per byte of the dtype, with 'shuffle'")
-    out, at = [], 0
-    for kind, size in layout:
+    out = np.empty((count, dtype.itemsize), np.uint8)
+    at = 0
+    for byte, (kind, size) in enumerate(layout):
         size = int(size)
         if kind not in ("raw", "zlib") or size < 0 or at + size > len(data):
             raise ValueError(f"bad plane {kind!r} of {size} bytes")
-        segment = data[at:at + size]
-        plane = zlib.decompress(segment) if kind == "zlib" else segment
+        plane = zlib.decompress(data[at:at + size]) if kind == "zlib" else data[at:at + size]
         if len(plane) != count:
             raise ValueError(f"a byte plane holds {len(plane)} bytes, not {count}")
-        out.append(plane)
+        out[:, byte] = np.frombuffer(plane, np.uint8)
         at += size
     if at != len(data):
         raise ValueError("data is longer than its planes")
-    return b"".join(out)
+    return out.view(dtype).reshape(-1)
 
 
 def decode_array(blob: dict[str, Any]) -> np.ndarray:
@@ -250,16 +256,12 @@ def decode_array(blob: dict[str, Any]) -> np.ndarray:
     try:
         dtype = np.dtype(str(blob["dtype"]))
         shape = tuple(int(n) for n in blob["shape"])
-        if dtype.hasobject or len(shape) > 4 or any(n < 0 for n in shape):
+        if dtype.hasobject or dtype.itemsize == 0 or len(shape) > 4 or any(n < 0 for n in shape):
             raise ValueError(f"unsupported dtype {dtype} or shape {shape}")
-        raw = _unpack(blob, dtype, int(np.prod(shape)))
+        values = _unpack(blob, dtype, int(np.prod(shape)))
     except (KeyError, TypeError, ValueError, zlib.error) as exc:
         raise ValueError(f"an in-band array could not be decoded: {exc}") from exc
-    if int(np.prod(shape)) * dtype.itemsize != len(raw):
-        raise ValueError(f"an in-band array's data does not match its dtype {dtype} and shape {shape}")
-    if blob.get("shuffle") and dtype.itemsize > 1:
-        return np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(shape)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return values.reshape(shape)
 
 
 def encode_volume(volume, level: int = ZLIB_LEVEL, precision: str = "exact") -> dict[str, Any]:
@@ -282,7 +284,10 @@ def decode_volume(blob: dict[str, Any], name: str | None = None):
     from decipher_mr.data.volume import Volume
 
     array = decode_array(blob)
-    array = array.astype(np.float32) if array.dtype == np.float16 else array.copy()
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    elif not array.flags.writeable:  # byte planes come back in a fresh array already
+        array = array.copy()
     if array.ndim != 3:
         raise ValueError(f"an in-band volume must be 3D, got shape {array.shape}")
     try:
