@@ -96,6 +96,12 @@ class ImageTextModel(nn.Module):
         # the image view the projection was trained on (decipher_mr.data.views): the served embedding
         # embeds the same view; None (older models) pools the whole volume's tokens instead
         self.image_view: dict[str, Any] | None = None
+        # feature standardisation before the projections (identity until set_feature_statistics; older
+        # models and bundles without these buffers keep the identity)
+        self.register_buffer("image_center", torch.zeros(2 * width))
+        self.register_buffer("image_scale", torch.ones(2 * width))
+        self.register_buffer("text_center", torch.zeros(text.hidden_size))
+        self.register_buffer("text_scale", torch.ones(text.hidden_size))
 
     # -- image side
     def image_pooled(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,30 @@ class ImageTextModel(nn.Module):
         return torch.cat([out.cls, out.patch_tokens.mean(1)], dim=-1)
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(pooled), dim=-1)
+        return self._project(pooled, self.image_center, self.image_scale, self.image_proj)
+
+    @staticmethod
+    def _project(pooled: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """Standardised features through the projection, in fp32 even under autocast: the pooled features
+        of different volumes share a large common part, and their differences are below bf16's resolution
+        (measured on the demo: every image embedding identical in bf16)."""
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            z = (pooled.float() - center) / scale
+            return F.normalize(proj(z), dim=-1)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, image_pooled: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None) -> None:
+        """Centre and scale of the pooled features (mean, and the RMS spread about it, over training items), applied
+        before the projections; stage 2 sets them once before its first step. Saved with the model."""
+        for feats, center, scale in ((image_pooled, self.image_center, self.image_scale),
+                                     (text_pooled, self.text_center, self.text_scale)):
+            if feats is not None and len(feats) > 1:
+                feats = feats.detach().float().to(center.device)
+                center.copy_(feats.mean(0))
+                # one scale for all dimensions (the features' overall spread about the centre): the
+                # geometry of the features is kept, only the common part goes and the size is unit
+                spread = (feats - feats.mean(0)).pow(2).mean().sqrt()
+                scale.fill_(float(spread.clamp_min(1e-8)))
 
     def encode_image(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_pooled(volumes))
@@ -116,7 +145,7 @@ class ImageTextModel(nn.Module):
             return self.text(input_ids, attention_mask)
 
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return self._project(pooled, self.text_center, self.text_scale, self.text_proj)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.project_text(self.text_pooled(input_ids, attention_mask))
@@ -153,6 +182,8 @@ class ImageTextModel(nn.Module):
 # building from a run config, export and loading
 
 MODEL_FORMAT = 1
+# buffers that older exports lack (then the identity: no standardisation)
+FEATURE_STATISTICS = ("image_center", "image_scale", "text_center", "text_scale")
 
 
 class AlignedModelError(RuntimeError):
@@ -267,7 +298,7 @@ def load_image_text_model(path: str | Any) -> ImageTextModel:
     except Exception as exc:
         raise AlignedModelError(f"{weights_path}: cannot be read ({exc})") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("text.backbone.")]
+    missing = [k for k in missing if not k.startswith("text.backbone.") and k not in FEATURE_STATISTICS]
     if missing or unexpected:
         raise AlignedModelError(f"{weights_path}: does not fit the model in config.json "
                                 f"(missing {missing[:4]}, unexpected {unexpected[:4]})")

@@ -213,6 +213,31 @@ def replay_rng(state: RngState) -> Iterator[None]:
         outside.restore()
 
 
+STATISTICS_ITEMS = 64
+
+
+@torch.no_grad()
+def feature_statistics(model: ImageTextModel, cache, train_idx: Sequence[int], image_cfg: dict[str, Any], text: "TextSide",
+                       device: torch.device, limit: int = STATISTICS_ITEMS) -> None:
+    """Set the model's feature centre and scale from (up to ``limit``, evenly spread) training items, in fp32:
+    the deterministic image views and the reports' pooled text features. Every rank computes the same."""
+    pick = list(train_idx)[:: max(1, -(-len(train_idx) // limit))][:limit]
+    positions = [list(train_idx).index(i) for i in pick]
+    was_training = model.training
+    model.eval()
+    pooled = [model.image_pooled(image_batch(cache, pick[s : s + 8], image_cfg, None).to(device)).float()
+              for s in range(0, len(pick), 8)]
+    if text.pooled is not None:
+        text_feats = text.pooled[positions].float()
+    else:
+        ids = text.inputs(positions)
+        text_feats = model.text_pooled(*ids).float()
+    model.set_feature_statistics(torch.cat(pooled), text_feats)
+    model.train(was_training)
+    if was_training:
+        model.set_frozen_towers_eval()
+
+
 class TextSide:
     """The report side of a batch: live token ids, or pooled features precomputed once when the
     text tower is frozen (then only the projection trains, and each step costs a lookup)."""
@@ -446,6 +471,8 @@ def _train(cfg: dict[str, Any], ctx) -> dict[str, Any]:
         state = ckpt.load_checkpoint(latest, {"model": model}, {"adamw": optimizer}, architecture=arch)
         start = int(state["iteration"])
         _say(ctx, f"align: resumed from {latest} at iteration {start}")
+    else:
+        feature_statistics(model, cache, train_idx, cfg["image"], text, ctx.device)
     _say(ctx, f"align: {len(train_idx)} training pairs in {len(sampler.members)} region group(s) "
               f"({', '.join(sorted(sampler.members))}, {sampler.mixed_fraction:.0%} of items in mixed-region batches), "
               f"{sampler.batches_per_epoch()} batches/epoch, "
