@@ -193,8 +193,10 @@ class WorkerEngine:
         held = self._keys.get(id(volume))
         if held is not None and held[0]() is volume:
             return held[1]
+        from decipher_mr.data.volume import frozen
+
         key = volume_key(volume)
-        if not getattr(volume.array, "flags", None) or volume.array.flags.writeable:
+        if not frozen(volume.array):
             return key  # a caller's own array may change in place: hash it every time
         self._keys = {i: h for i, h in self._keys.items() if h[0]() is not None}
         self._keys[id(volume)] = (weakref.ref(volume), key)
@@ -299,7 +301,8 @@ class WorkerEngine:
     # --- the calls the module makes ----------------------------------------------------------------
     def segment(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
         answer = self._request("segment", {}, progress, cancel, volume)
-        return {"labels": self._read(answer["file"]), "label_names": list(answer.get("labels", []))}
+        return {"labels": self._read(answer["file"]), "label_names": list(answer.get("labels", [])),
+                "label_codes": answer.get("label_codes")}  # optional (an older worker sends none)
 
     def anomaly(self, volume, progress: ProgressFn, cancel: threading.Event) -> dict:
         return self._heatmap(self._request("anomaly", {}, progress, cancel, volume))

@@ -54,6 +54,7 @@ def main() -> int:
 
     from decipher_mr.assets import colin27_t1
     from decipher_mr.data.io import read_volume
+    from decipher_mr.data.volume import freeze
     from decipher_mr.inference.transport import encode_volume
     from DecipherMRLib.Engine import WorkerEngine
 
@@ -63,7 +64,7 @@ def main() -> int:
         return 0
     repeats = min(args.repeats, len(QUERIES) - 1)
     volume = read_volume(colin27_t1())
-    volume.array.flags.writeable = False  # as the panel's snapshot of a volume node: the engine keys it once
+    freeze(volume.array)  # read-only, as the panel's snapshot of a volume node: keyed and hashed once
     worker = f"env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {Path(sys.executable).with_name('decipher-mr')}"
     cancel = threading.Event()
     with tempfile.TemporaryDirectory() as tmp, LoopbackSSHServer(Path(tmp) / "sshd") as server:

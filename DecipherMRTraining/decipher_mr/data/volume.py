@@ -124,3 +124,27 @@ def write_volume(volume: Volume, dest: str | Path, compress: bool = True) -> Pat
     with atomic_path(dest, suffix=suffix) as tmp:
         sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
     return dest
+
+
+def frozen(array) -> bool:
+    """True when nothing can change the array's values in place: it and every array it views are read-only
+    (down to owned memory or an immutable ``bytes``). Such an array's content hash can be remembered.
+
+    >>> a = np.zeros(3); a.flags.writeable = False; frozen(a)
+    True
+    """
+    while isinstance(array, np.ndarray):
+        if array.flags.writeable:
+            return False
+        array = array.base
+    return array is None or isinstance(array, bytes)
+
+
+def freeze(array: np.ndarray) -> np.ndarray:
+    """Make the array and every array it views read-only (see :func:`frozen`); returns the array."""
+    node = array
+    while isinstance(node, np.ndarray):
+        node.flags.writeable = False
+        node = node.base
+    return array
+

@@ -214,6 +214,9 @@ class Worker:
             volume = decode_volume(blob, name=str(params.get("name") or f"upload-{key[:8]}"))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        from decipher_mr.data.volume import freeze
+
+        freeze(volume.array)  # nobody changes it in place: the session hashes it once, not on every query
         self._uploads.pop(key, None)
         self._uploads[key] = volume
         while len(self._uploads) > UPLOADS_KEPT:
