@@ -137,6 +137,11 @@ def test_the_panel_snapshot_of_an_unchanged_node_is_reused_and_hashed_once():
     try:
         key = engine._key(first)
         assert engine._key(first) == key and id(first) in engine._keys
+        from decipher_mr.inference.encoding import _REMEMBERED, volume_content_hash
+
+        content = volume_content_hash(first)  # the session's cache key: also computed once for a snapshot
+        assert id(first) in _REMEMBERED and volume_content_hash(first) == content
+        assert volume_content_hash(dataclasses.replace(first, spacing=(2.0, 1.0, 1.0))) != content
         array_from_volume_node(node)[3, 4, 5] += 1  # edited in place, as slicer.util.arrayFromVolume does
         node.GetImageData().GetPointData().GetScalars().Modified()  # arrayFromVolumeModified
         second = volume_from_node(node)
