@@ -25,7 +25,8 @@ import numpy as np
 from .Grounding import GroundingResult, write_grounding
 from .HeatmapDisplay import show_as_foreground, write_heatmap
 from .RetrievalTables import write_retrieval_table
-from .SegmentationWriter import SegmentLabel, add_label_array, distinct_color, new_segmentation_node, write_segmentation
+from .SegmentationWriter import (SegmentLabel, add_label_array, distinct_color, new_segmentation_node, terminology_entry,
+                                 write_segmentation)
 from .VolumeBridge import grid_node, ijk_to_ras
 
 MAP_GRID_ENV = "DECIPHER_MR_MAP_GRID"
@@ -109,8 +110,9 @@ def apply_segmentation(scene, reference_node, result: Any, name: str | None = No
     labels, grid = map_volume(_result_map(result, "labels"), reference_node, "segmentation")
     names = list(_get(result, "label_names", []) or [])
     colors = _get(result, "label_colors") or {}
+    terms = _label_terminology(_get(result, "label_codes"))
     table = [
-        SegmentLabel(value, str(label), tuple(colors.get(label, distinct_color(value - 1))))
+        SegmentLabel(value, str(label), tuple(colors.get(label, distinct_color(value - 1))), terms.get(value, ""))
         for value, label in enumerate(names)
         if value > 0
     ]
@@ -121,6 +123,21 @@ def apply_segmentation(scene, reference_node, result: Any, name: str | None = No
     node = new_segmentation_node(scene, reference_node, name or f"{reference_node.GetName()} segmentation")
     add_label_array(scene, node, grid, labels.astype(np.int32), table)  # the segments keep the model's grid
     return node
+
+
+def _label_terminology(codes: Any) -> dict[int, str]:
+    """``{value: TerminologyEntry}`` from a result's ``label_codes`` (the bundle label table's codes, which
+    the worker sends as an optional field of protocol 2); a label without usable codes is left out and
+    gets the terminology of its name (``SegmentationWriter.default_terminology``), as before."""
+    out: dict[int, str] = {}
+    for item in codes or []:
+        try:
+            category, type_ = str(item.get("category") or "").strip(), str(item.get("type") or "").strip()
+            if category and type_:
+                out[int(item["value"])] = terminology_entry(category, type_)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue  # a malformed entry only costs that label its coded concept
+    return out
 
 
 def apply_anomaly(scene, reference_node, result: Any, opacity: float = 0.5):

@@ -81,13 +81,17 @@ def _as_lazy(value) -> _Lazy:
 class SegmentationResult:
     """Label map (uint8, 0 = background) in the input geometry, with its label names; ``grid_labels``
     is the same on the model's grid (``None`` when the result was built from input-grid maps only).
+    ``label_codes`` holds each foreground label's coded concept from the bundle's label table
+    (``{"value", "name", "category", "type", "coded"}``, codes ``scheme^value^meaning``, see
+    :mod:`decipher_mr.bundle.codes`); None when unknown.
 
     >>> seg = session.segment("t1.nii.gz"); seg.labels.shape == vol.shape; seg.label_names[1]
     """
 
     def __init__(self, head: str, labels: Volume | None, label_names: list[str], grid_labels: Volume | None = None,
-                 to_input: Callable[[], Volume] | None = None):
+                 to_input: Callable[[], Volume] | None = None, label_codes: list[dict[str, Any]] | None = None):
         self.head, self.label_names, self.grid_labels = head, list(label_names), grid_labels
+        self.label_codes = [dict(c) for c in label_codes] if label_codes is not None else None
         self._labels = _as_lazy(labels) if labels is not None else _Lazy(to_input)
 
     @property
@@ -99,9 +103,12 @@ class SegmentationResult:
         labels = self.grid_labels if grid == "model" and self.grid_labels is not None else self.labels
         voxel_ml = float(np.prod(labels.spacing)) / 1000.0
         counts = np.bincount(labels.array.ravel(), minlength=len(self.label_names))
-        return {"head": self.head, "labels": self.label_names,
-                "volume_ml": {name: round(float(counts[i]) * voxel_ml, 3)
-                              for i, name in enumerate(self.label_names) if i > 0}}
+        out = {"head": self.head, "labels": self.label_names,
+               "volume_ml": {name: round(float(counts[i]) * voxel_ml, 3)
+                             for i, name in enumerate(self.label_names) if i > 0}}
+        if self.label_codes is not None:
+            out["label_codes"] = [dict(c) for c in self.label_codes]
+        return out
 
 
 class HeatmapResult:

@@ -380,8 +380,20 @@ class Session:
             logits = decoder_logits(module, enc, self.device, progress)
         labels = logits.argmax(0).numpy().astype(np.uint8)
         del logits
-        return SegmentationResult(name, None, list(module.config.labels), grid_labels=self._on_grid(enc, labels),
-                                  to_input=lambda: self._to_source(enc, labels, "nearest"))
+        names = list(module.config.labels)
+        return SegmentationResult(name, None, names, grid_labels=self._on_grid(enc, labels),
+                                  to_input=lambda: self._to_source(enc, labels, "nearest"),
+                                  label_codes=self._label_codes(name, names))
+
+    def _label_codes(self, head: str, names: list[str]) -> list[dict]:
+        """Each foreground label's codes from the head's label table (an old table without codes gets
+        those of known names, else Tissue/Tissue: ``bundle.codes.label_codes``)."""
+        from decipher_mr.bundle.codes import label_codes
+
+        rows = (getattr(self.bundle, "labels", None) or {}).get(head) or [
+            {"index": i, "name": n} for i, n in enumerate(names)]
+        return [{"value": c.index, "name": c.name, "category": d["category"], "type": d["type"], "coded": c.coded}
+                for c in label_codes(rows, where=f"head {head} label table") for d in [c.as_dict()]]
 
     def anomaly_map(self, volume, head: str | None = None, progress: ProgressFn | None = None,
                     threshold: float = 0.5) -> HeatmapResult:
