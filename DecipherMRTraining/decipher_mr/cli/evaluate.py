@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--random-like", metavar="NAME", help="add a random-init encoder with the architecture of encoder NAME")
     p.add_argument("--manifest", required=True, help="manifest (JSONL) with train and evaluation splits")
     p.add_argument("--split", default="test", help="split to score (default: test); probes fit on 'train'")
+    p.add_argument("--view", help='image view as JSON, e.g. \'{"mode": "view", "size": [64, 64, 16], "mm": [176, 176, 128]}\' '
+                   "(a stage-1 global crop's geometry); default: the aligned bundle's view")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (default: 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for probes.json/.md")

@@ -68,9 +68,11 @@ def run_probes(args: argparse.Namespace) -> int:
                 Session.from_bundle(like, device=args.device), args.seed)
         # one view for all encoders: the aligned bundle's, else the default
         views = [getattr(s.model, "image_view", None) for s in sessions.values() if s.model is not None]
-        view = next((v for v in views if v), DEFAULT_VIEW)
+        view = json.loads(args.view) if args.view else next((v for v in views if v), DEFAULT_VIEW)
+        if not isinstance(view, dict):
+            raise ValueError(f"--view {args.view!r}: expected a JSON object")
         result = probe_table(sessions, args.manifest, args.split, view=view, progress=not args.no_progress)
-    except (BundleError, ValueError, FileNotFoundError, OSError) as exc:
+    except (BundleError, ValueError, FileNotFoundError, OSError, json.JSONDecodeError) as exc:
         print(f"evaluate probes: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
