@@ -186,7 +186,7 @@ def test_two_process_ddp_splits_region_batches_and_gathers_loss_gradients(tmp_pa
 def test_short_alignment_beats_chance_on_held_out_pairs_and_resumes(pairs_cache, tmp_path):
     out = tmp_path / "align"
     overrides = [f"cache={pairs_cache}", f"output={out}", "iterations=40", "checkpoint_every=20", "progress=false",
-                 'text_trainable="frozen"', "batch_size=16", "lr=1e-3", "warmup_iterations=4",
+                 'text_trainable="frozen"', 'vision_trainable="all"', "batch_size=16", "lr=1e-3", "warmup_iterations=4",
                  f"image={json.dumps(VIEW)}"]
     cfg = load_run_config(Path(__file__).parents[2] / "DecipherMRTraining/configs/align-demo.json", ALIGN_DEFAULTS,
                           overrides + ['vision={"preset": "vit-micro"}'])
