@@ -64,7 +64,7 @@ def align_cfg(pairs: Path, out: Path, *extra: str) -> dict:
     return load_run_config(REPO / "DecipherMRTraining/configs/align-demo.json", ALIGN_DEFAULTS, [
         f"cache={pairs}", f"output={out}", "iterations=3", "checkpoint_every=100", "progress=false",
         'text_trainable="frozen"', "batch_size=4", "chunks=2", f"image={json.dumps(VIEW)}",
-        'vision={"preset": "vit-micro"}', "device=cpu", "data.num_workers=0", *extra])
+        'vision={"preset": "vit-micro"}', 'vision_trainable="all"', "device=cpu", "data.num_workers=0", *extra])
 
 
 def mlm_cfg(pairs: Path, out: Path, *extra: str) -> dict:
