@@ -62,7 +62,7 @@ CFG := DecipherMRTraining/configs
 RUNS := $(DEMO)/runs
 # Sizes for a CPU demo (about 20-25 minutes on 2 cores in all); raise them for a real model.
 DEMO_HEAD_ITERS ?= 150
-# 160 series: 80 brain, 27/27/26 knee/spine/abdomen; the test split has 32 (16 brain), enough for intervals
+# 160 series: 82 brain, 26 each knee/spine/abdomen; the test split has 31 (16 brain), enough for intervals
 DEMO_SUBJECTS ?= 160
 EVAL := $(RUNS)/eval
 

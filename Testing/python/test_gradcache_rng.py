@@ -3,7 +3,7 @@ gives the gradients of one ordinary forward/backward that draws the same masks; 
 the generator of every accelerator device a chunk touches, not only the CPU one.
 
 This machine has no accelerator, so the device part is tested with stand-in device modules put in
-place of ``torch.<type>`` (the lookup ``align._rng_module``) and with FakeTensor tensors that claim
+place of ``torch.<type>`` (the lookup ``rng_state._rng_module``) and with FakeTensor tensors that claim
 ``cuda``/``xpu`` devices; a real CUDA generator is not exercised here.
 """
 
@@ -18,7 +18,7 @@ import torch
 from decipher_mr.models.clip import ImageTextModel
 from decipher_mr.models.text import TextTower
 from decipher_mr.models.vit3d import build_vision_encoder
-from decipher_mr.train import align
+from decipher_mr.train import align, rng_state
 from decipher_mr.train.align import RngState, TextSide, clip_step, replay_rng, rng_devices
 from decipher_mr.train.clip_loss import ClipLoss
 
@@ -128,7 +128,7 @@ def test_rng_devices_lists_each_accelerator_device_of_tensors_parameters_and_dev
 
         get_rng_state = set_rng_state = None
 
-    monkeypatch.setattr(align, "_rng_module", lambda t: Current if t == "cuda" else None)
+    monkeypatch.setattr(rng_state, "_rng_module", lambda t: Current if t == "cuda" else None)
     with FakeTensorMode(allow_non_fake_inputs=True):
         on_cuda1 = torch.empty(2, device="cuda:1")
         on_cuda0 = torch.empty(2, device="cuda:0")
@@ -164,7 +164,7 @@ class FakeGenerators:
 def test_rng_state_saves_and_restores_every_device_through_the_generic_api(monkeypatch):
     log: list = []
     modules = {"cuda": FakeGenerators("cuda", log), "xpu": FakeGenerators("xpu", log)}
-    monkeypatch.setattr(align, "_rng_module", lambda t: modules.get(t))
+    monkeypatch.setattr(rng_state, "_rng_module", lambda t: modules.get(t))
     cuda0, cuda1, xpu0 = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("xpu", 0)
     for d in (cuda0, cuda1, xpu0):
         modules[d.type].states[d] = torch.tensor([10 * (d.index + 1) + len(d.type)])
@@ -210,7 +210,7 @@ def test_clip_step_replays_the_generator_of_the_devices_it_runs_on(monkeypatch):
     saw, and the step leaves the generator where the first pass left it."""
     log: list = []
     fake = FakeGenerators("cuda", log)
-    monkeypatch.setattr(align, "_rng_module", lambda t: fake if t == "cuda" else None)
+    monkeypatch.setattr(rng_state, "_rng_module", lambda t: fake if t == "cuda" else None)
     seen_devices: list = []
     real_rng_devices = align.rng_devices
 

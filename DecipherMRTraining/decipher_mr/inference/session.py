@@ -221,12 +221,9 @@ class Session:
 
     def image_embedding(self, volume: Volume | str | os.PathLike | EncodedVolume,
                         progress: ProgressFn | None = None) -> torch.Tensor:
-        """The unit-norm 512-d image embedding of the view the model was aligned on.
-
-        The bundle records that view (``image_view``, :mod:`decipher_mr.data.views`); it is cut from
-        the prepared array and embedded exactly as stage 2 trained and ``evaluate retrieval``
-        measures it (one small encoder pass, cached with the encoding). Bundles without it (older
-        ones) pool the whole volume's cached tokens.
+        """The unit-norm 512-d image embedding of the view the model was aligned on (the bundle's
+        ``image_view``, :mod:`decipher_mr.data.views`), embedded as stage 2 trained and ``evaluate
+        retrieval`` measures it (one small encoder pass, cached). Older bundles pool the cached tokens.
 
         >>> s.image_embedding("t1.nii.gz").shape
         torch.Size([512])
@@ -254,12 +251,8 @@ class Session:
         return out
 
     def image_features(self, volume: Volume | str | os.PathLike, view: dict[str, Any] | None = None) -> torch.Tensor:
-        """Frozen-encoder features of a volume (``cls ⊕ mean(patch tokens)`` of its image view, before any
-        projection): what the probes of ``decipher-mr evaluate probes`` fit on. ``view`` defaults to the
-        bundle's aligned view, else :data:`decipher_mr.data.views.DEFAULT_VIEW`. No dense encoding.
-
-        >>> s.image_features("t1.nii.gz").shape          # (2 * width,)
-        """
+        """``cls ⊕ mean(patch tokens)`` of the volume's image view (``view``, else the aligned one, else
+        the default), before any projection: what ``evaluate probes`` fits on. No dense encoding."""
         from decipher_mr.data.views import DEFAULT_VIEW
 
         vol = as_volume(volume)
