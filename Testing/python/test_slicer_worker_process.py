@@ -149,7 +149,7 @@ def test_close_of_an_idle_worker_shuts_it_down_cleanly_through_the_launcher(bund
     client, parent, worker = start_through_launcher(bundle, launcher, tmp_path)
     assert client.request("ping", timeout=60) == {"pong": True}
     client.close(timeout=60)
-    assert client.process.returncode == 0  # the launcher passed on the worker's clean exit
+    assert client.process.returncode == 0, client._stderr_tail()  # the launcher passed on the worker's clean exit
     assert gone(parent) and gone(worker)
 
 
