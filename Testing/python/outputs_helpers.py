@@ -15,8 +15,9 @@ COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
 LOBES = ["background", "frontal lobe", "temporal lobe", "cerebellum", "unnamed structure"]
 
 
-def tiny_bundle(folder: Path, name: str = "tiny-outputs-test", coded: bool = True) -> Path:
-    """A bundle with a segmentation head ``lobes`` (labels :data:`LOBES`) and an anomaly head ``lesion``."""
+def tiny_bundle(folder: Path, name: str = "tiny-outputs-test", coded: bool = True, relabel=None) -> Path:
+    """A bundle with a segmentation head ``lobes`` (labels :data:`LOBES`) and an anomaly head ``lesion``;
+    ``relabel(rows) -> rows`` rewrites the segmentation head's label table (e.g. custom codes)."""
     import torch
 
     from decipher_mr.bundle import HeadExport, write_bundle
@@ -35,6 +36,8 @@ def tiny_bundle(folder: Path, name: str = "tiny-outputs-test", coded: bool = Tru
                                                               "channels": 8, "crop": [32, 32, 32]}))
     if not coded:  # a bundle from before label codes: index,name only
         seg.labels = [{"index": r["index"], "name": r["name"]} for r in seg.labels]
+    if relabel is not None:
+        seg.labels = relabel([dict(r) for r in seg.labels])
     anomaly = HeadExport.from_head("lesion", build_head("anomaly", {"embed_dim": d, "layers": layers, "channels": 8,
                                                                    "crop": [32, 32, 32]}))
     out = Path(folder) / "bundle"

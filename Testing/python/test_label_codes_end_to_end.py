@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DecipherMR"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from outputs_helpers import LOBES  # noqa: E402
+from outputs_helpers import LOBES, tiny_bundle  # noqa: E402
 
 from decipher_mr.bundle.codes import default_codes, label_codes, slicer_terminology_entry  # noqa: E402
 
@@ -31,38 +31,20 @@ CUSTOM = {1: (CUSTOM_CATEGORY, CUSTOM_TYPE)}  # label 1 ("frontal lobe") carries
 UNCODED = {2}  # label 2 ("temporal lobe") has empty code cells: its name's default
 
 
-def coded_bundle(folder: Path) -> Path:
-    """``tiny_bundle``'s model and heads, written with a label table holding a custom code."""
-    import torch
-
-    from decipher_mr.bundle import HeadExport, write_bundle
-    from decipher_mr.data.preprocess import PreprocessConfig
-    from decipher_mr.heads import build_head
-    from decipher_mr.models.clip import ImageTextModel
-    from decipher_mr.models.text import TextTower
-    from decipher_mr.models.vit3d import build_vision_encoder
-
-    torch.manual_seed(0)
-    vision = build_vision_encoder("vit-micro")
-    d, depth = vision.config.embed_dim, vision.config.depth
-    model = ImageTextModel(vision, TextTower.from_spec({"tiny": True, "seed": 0})).eval()
-    layers = [max(1, depth // 3), max(1, 2 * depth // 3), depth]
-    seg = HeadExport.from_head("lobes", build_head("segment", {"embed_dim": d, "labels": LOBES, "layers": layers,
-                                                              "channels": 8, "crop": [32, 32, 32]}))
-    rows = []
-    for row in seg.labels:
-        row = dict(row)
+def custom_codes(rows: list[dict]) -> list[dict]:
+    """The label table with label 1's custom code and label 2's code cells left empty."""
+    for row in rows:
         index = int(row["index"])
         if index in CUSTOM:
             row["category"], row["type"] = ("^".join(c) for c in CUSTOM[index])
         elif index in UNCODED:
             row["category"], row["type"] = "", ""
-        rows.append(row)
-    seg.labels = rows
-    out = Path(folder) / "bundle"
-    write_bundle(out, model=model, heads=[seg], preprocess=PreprocessConfig(target_spacing=(6.0, 6.0, 6.0)),
-                 name="tiny-label-codes-test")
-    return out
+    return rows
+
+
+def coded_bundle(folder: Path) -> Path:
+    """``tiny_bundle`` written with a label table holding a custom code."""
+    return tiny_bundle(folder, name="tiny-label-codes-test", relabel=custom_codes)
 
 
 @pytest.fixture(scope="module")
