@@ -10,6 +10,9 @@
    the baseline is the same process's memory once the bundle and the volume are loaded.
 4. **Encoding with the session** vs the bare encoder on the same prepared tensor (the stage-1
    encoder benchmark's measurement): the ratio should be ~1 (no hidden copies).
+5. **Image embedding of a volume nobody has encoded yet** (an index build, *Reports like this volume*
+   before any head ran): the aligned model's image view only. Baseline: the dense (sliding-window)
+   encoding it used to run first, then the view.
 
 The model is randomly initialised (``--preset``, default vit-small; the text tower is the packaged
 MiniLM): speed and memory do not depend on trained weights.
@@ -44,6 +47,7 @@ def make_bundle(folder: Path, preset: str, spacing) -> Path:
     import torch
 
     from decipher_mr.bundle import HeadExport, write_bundle
+    from decipher_mr.data.views import DEFAULT_VIEW, check_view
     from decipher_mr.data.preprocess import PreprocessConfig
     from decipher_mr.heads import build_head
     from decipher_mr.models.clip import ImageTextModel
@@ -54,6 +58,7 @@ def make_bundle(folder: Path, preset: str, spacing) -> Path:
     vision = build_vision_encoder(preset)
     d, depth = vision.config.embed_dim, vision.config.depth
     model = ImageTextModel(vision, TextTower.from_spec(None)).eval()
+    model.image_view = check_view(DEFAULT_VIEW)
     layers = [max(1, depth // 3), max(1, 2 * depth // 3), depth]
     heads = [HeadExport.from_head("grounding", build_head("ground", {"embed_dim": d, "text_dim": 512})),
              HeadExport.from_head("lobes", build_head("segment", {"embed_dim": d, "labels": ["background", "a", "b"],
@@ -121,6 +126,24 @@ def bench_encode(session, vol, repeats: int) -> None:
     b, f = statistics.median(bare), statistics.median(full)
     print(f"[4] encode 256x256x24 with the session: median {f:.2f} s (preprocessing and hashing {statistics.median(pre):.2f} s "
           f"of it); bare encoder on the prepared tensor {b:.2f} s; ratio session / encoder = {f / b:.2f}")
+
+
+def bench_image_embedding(session, vol, repeats: int) -> None:
+    view, dense = [], []
+    for _ in range(repeats):
+        session.clear_cache()
+        t = time.perf_counter()
+        first = session.image_embedding(vol)
+        view.append(time.perf_counter() - t)
+        session.clear_cache()
+        t = time.perf_counter()
+        enc = session.encode(vol)
+        again = session.image_embedding(enc)
+        dense.append(time.perf_counter() - t)
+    assert float(first @ again) > 0.9999
+    v, d = statistics.median(view), statistics.median(dense)
+    print(f"[5] image embedding of a 256x256x24 volume not yet encoded: median {v * 1000:.0f} ms (the image view only)")
+    print(f"    baseline, dense encoding first, then the view: median {d * 1000:.0f} ms; ratio = {d / v:.1f}x")
 
 
 def bench_search(rows: int, dim: int, queries: int) -> None:
@@ -218,6 +241,7 @@ def main() -> int:
         print(f"model {args.preset} + MiniLM text tower, {torch.get_num_threads()} CPU threads, precision {session.precision}")
         bench_text_query(session, vol, args.repeats)
         bench_encode(session, vol, max(1, args.repeats // 2))
+        bench_image_embedding(session, vol, max(1, args.repeats // 2))
         del session
         bench_segment_memory(make_bundle(Path(tmp) / "iso", args.preset, (1.5, 1.5, 1.5)))
     bench_search(args.rows, 512, args.queries)

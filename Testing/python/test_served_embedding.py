@@ -78,6 +78,24 @@ def test_served_embedding_is_the_training_view_embedded(session, demo_corpus, pr
     assert float(torch.dot(old, session.image_embedding(enc))) < 0.9999
 
 
+def test_served_embedding_runs_no_dense_encoding(bundle, demo_corpus):
+    """The view needs only the prepared array: an index build or *Reports like this volume* on a volume
+    nobody segmented runs one small view pass, not the sliding-window encoder; a later dense pass (for a
+    head) reuses the embedding, and a session that encoded first serves the same vector."""
+    row = read_manifest(demo_corpus)[0]
+    s = Session.from_bundle(bundle, device="cpu", precision="fp32")
+    first = s.image_embedding(row.image)
+    assert s.stats["encoder_passes"] == 0 and s.stats["view_passes"] == 1
+    assert torch.equal(s.image_embedding(read_volume(row.image)), first) and s.stats["view_passes"] == 1
+    enc = s.encode(row.image)
+    assert s.stats["encoder_passes"] == 1 and torch.equal(s.image_embedding(enc), first)
+    assert s.stats["view_passes"] == 1
+    t = Session.from_bundle(bundle, device="cpu", precision="fp32")
+    t.encode(row.image)
+    assert torch.allclose(t.image_embedding(row.image), first, atol=1e-6)
+    assert t.stats["encoder_passes"] == 1 and t.stats["view_passes"] == 1
+
+
 def test_bundle_evaluation_and_its_index_search_agree(session, demo_corpus, tmp_path):
     """evaluate_served's image→report ranking is the ranking the index's own search returns."""
     index = tmp_path / "index"
@@ -87,7 +105,7 @@ def test_bundle_evaluation_and_its_index_search_agree(session, demo_corpus, tmp_
     rows = [r for r in read_manifest(demo_corpus) if r.split == "train"]
     assert result["n"] == len(rows) >= 4
     img = torch.stack([session.image_embedding(r.image) for r in rows])
-    txt = session.embed_reports([Path(r.report).read_text() for r in rows])
+    txt = session.embed_reports([Path(r.report).read_text(encoding="utf-8") for r in rows])
     ids = [r.id for r in rows]
     for i, row in enumerate(rows):
         hits = session.retrieve_reports(row.image, index=index, k=8, exact=True)

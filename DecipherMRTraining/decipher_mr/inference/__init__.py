@@ -20,7 +20,7 @@ _EXPORTS = {
     "EncodedVolume": "encoding", "TokenCache": "encoding", "volume_content_hash": "encoding",
     "HeatmapResult": "results", "LocalizationResult": "results", "RetrievalHit": "results",
     "SegmentationResult": "results",
-    "Session": "session", "as_volume": "session", "bundle_fingerprint": "session", "resolve_device": "session",
+    "Session": "session", "as_volume": "runtime", "bundle_fingerprint": "runtime", "resolve_device": "runtime",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -227,7 +227,7 @@ def run_batch(session, inputs: BatchInputs, out: str | os.PathLike, tasks: Seque
     """
     from tqdm import tqdm
 
-    from .session import as_volume
+    from .runtime import as_volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def derivative_name_problems(root: str | Path) -> list[str]:
                for r in rules.regexify_filename_rules(group, sch, level=2)]
     root = Path(root)
     ignore = root / ".bidsignore"
-    patterns = [p.strip() for p in ignore.read_text().splitlines() if p.strip()] if ignore.is_file() else []
+    patterns = [p.strip() for p in ignore.read_text(encoding="utf-8").splitlines() if p.strip()] if ignore.is_file() else []
     bad = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()

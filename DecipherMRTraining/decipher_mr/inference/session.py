@@ -17,9 +17,6 @@ back with :func:`~decipher_mr.data.preprocess.restore` onto the input's exact gr
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import time
 from collections import OrderedDict
@@ -36,86 +33,11 @@ from .decoding import decoder_logits, token_head_maps
 from .encoding import DEFAULT_MAX_TOKENS, EncodedVolume, ProgressFn, TokenCache, encode_prepared, volume_content_hash
 from .errors import InferenceError, QueryError
 from .results import HeatmapResult, LocalizationResult, RetrievalHit, SegmentationResult, peak_of
+from .runtime import as_volume, bundle_fingerprint, file_key, resolve_device, single_thread  # noqa: F401 (re-exported)
 
 MAX_QUERY_CHARS = 1000
 TEXT_CACHE_SIZE = 512
-
-
-@contextlib.contextmanager
-def single_thread(device: torch.device):
-    """Run small CPU work (a short query through the text tower, a token-level head) on one thread.
-
-    Such work is a few small matrix products; splitting them across threads only adds OpenMP
-    barriers, which cost milliseconds each when another process holds the other core.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU.
-
-    >>> resolve_device("auto")
-    device(type='cpu')
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def bundle_fingerprint(bundle) -> str:
-    """A hash of what decides embeddings: encoder, text tower and projection weights and preprocessing.
-
-    Heads, the model card and the export time do not enter, so re-exporting the same model with
-    another head keeps the fingerprint (and an index built with it stays valid).
-
-    >>> bundle_fingerprint(load_bundle("model.zip"))[:12]
-    """
-    cfg, files = bundle.config, bundle.manifest["files"]
-    wanted = [cfg["vision"]["weights"]]
-    if cfg.get("alignment"):
-        wanted.append(cfg["alignment"]["weights"])
-        folder = cfg["text"]["folder"] + "/"
-        wanted += sorted(rel for rel in files if rel.startswith(folder))
-    h = hashlib.sha256()
-    for rel in wanted:
-        h.update(f"{rel}:{files[rel]['sha256']}\n".encode())
-    h.update(json.dumps(cfg["preprocess"], sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def as_volume(volume: Volume | str | os.PathLike) -> Volume:
-    """A :class:`Volume` from a Volume or a path; refuses 2D images with a clear message."""
-    from decipher_mr.data.io import read_volume
-
-    if isinstance(volume, (str, os.PathLike)):
-        volume = read_volume(volume)
-    if not isinstance(volume, Volume):
-        raise InferenceError(f"expected a Volume (array plus geometry) or a path to one, got {type(volume).__name__}")
-    flat = [a for a, n in enumerate(volume.shape) if n < 2]
-    if flat:
-        raise InferenceError(f"{volume.describe()}: is a 2D image (shape {volume.shape}, a single slice along axis "
-                             f"{flat[0]}); DecipherMR needs a 3D volume")
-    return volume
-
-
-def _file_key(volume) -> tuple | None:
-    """``(path, mtime_ns, size, inode)`` of a volume file (a DICOM folder or a Volume: None)."""
-    if not isinstance(volume, (str, os.PathLike)):
-        return None
-    try:
-        path = Path(volume).resolve()
-        st = path.stat()
-    except OSError:
-        return None
-    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino) if path.is_file() else None
+VIEW_CACHE_SIZE = 256  # image-view embeddings (2 KiB each) of volumes not densely encoded
 
 
 class Session:
@@ -144,8 +66,10 @@ class Session:
         self.cache = TokenCache(max_items=cache_items)
         self._file_keys: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size, inode) -> content key
         self._text_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._views: OrderedDict[str, torch.Tensor] = OrderedDict()  # content key -> image-view embedding
         self._text_towers: dict[str, Any] = {}
-        self.stats = {"encoder_passes": 0, "encode_cache_hits": 0, "text_passes": 0, "text_cache_hits": 0}
+        self.stats = {"encoder_passes": 0, "encode_cache_hits": 0, "view_passes": 0,
+                      "text_passes": 0, "text_cache_hits": 0}
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, device: str | torch.device = "auto",
@@ -187,21 +111,12 @@ class Session:
 
         >>> enc = s.encode("t1.nii.gz"); enc.grid
         """
-        file_key = _file_key(volume)
-        hit = self.cache.get(self._file_keys.get(file_key, "")) if file_key else None
-        if hit is not None:  # the same unchanged file: not even read again
-            self.stats["encode_cache_hits"] += 1
-            return hit
-        vol = as_volume(volume)
-        key = volume_content_hash(vol)
-        if file_key:
-            self._file_keys[file_key] = key
-            while len(self._file_keys) > 64:
-                self._file_keys.popitem(last=False)
+        key, vol = self._content_key(volume)
         hit = self.cache.get(key)
-        if hit is not None:
+        if hit is not None:  # the same voxels (an unchanged file is not even read again)
             self.stats["encode_cache_hits"] += 1
             return hit
+        vol = vol if vol is not None else as_volume(volume)
         if progress is not None:
             progress("preprocess", 0.0)
         prepared, record = preprocess_volume(vol, self.bundle.preprocess)
@@ -213,7 +128,8 @@ class Session:
         source = Volume(np.broadcast_to(np.zeros((), np.uint8), vol.shape), vol.spacing, vol.origin, vol.direction,
                         vol.path)
         enc = EncodedVolume(key=key, prepared=prepared, record=record, source=source, cls=cls, patch_tokens=tokens,
-                            grid=grid, layers=layers, windows=windows, encode_seconds=time.perf_counter() - t0)
+                            grid=grid, layers=layers, windows=windows, encode_seconds=time.perf_counter() - t0,
+                            image_embedding=self._views.get(key))
         self.cache.put(enc)
         if progress is not None:
             progress("encode", 1.0)
@@ -223,22 +139,68 @@ class Session:
                         progress: ProgressFn | None = None) -> torch.Tensor:
         """The unit-norm 512-d image embedding of the view the model was aligned on (the bundle's
         ``image_view``, :mod:`decipher_mr.data.views`), embedded as stage 2 trained and ``evaluate
-        retrieval`` measures it (one small encoder pass, cached). Older bundles pool the cached tokens.
+        retrieval`` measures it: one small encoder pass on the prepared array, cached by content; no dense
+        (sliding-window) encoding unless one is cached already. Older bundles pool the dense tokens.
 
         >>> s.image_embedding("t1.nii.gz").shape
         torch.Size([512])
         """
-        enc = volume if isinstance(volume, EncodedVolume) else self.encode(volume, progress)
+        model = self._aligned("image embeddings")
+        view = getattr(model, "image_view", None)
+        if isinstance(volume, EncodedVolume):
+            enc = volume
+        elif view:  # the view needs the prepared array only: no dense pass unless one is cached already
+            key, vol = self._content_key(volume)
+            enc = self.cache.get(key)
+            if enc is None:
+                if key not in self._views:
+                    if progress is not None:
+                        progress("preprocess", 0.0)
+                    prepared, record = preprocess_volume(vol if vol is not None else as_volume(volume),
+                                                         self.bundle.preprocess)
+                    self._remember_view(key, self._view_embedding(prepared, record.grid_spacing, view,
+                                                                  model.encode_image))
+                    if progress is not None:
+                        progress("encode", 1.0)
+                self._views.move_to_end(key)
+                return self._views[key]
+            self.stats["encode_cache_hits"] += 1
+        else:
+            enc = self.encode(volume, progress)
         if enc.image_embedding is None:
-            model = self._aligned("image embeddings")
-            if getattr(model, "image_view", None):
-                enc.image_embedding = self._view_embedding(enc.prepared, enc.record.grid_spacing, model.image_view,
+            if view:
+                enc.image_embedding = self._view_embedding(enc.prepared, enc.record.grid_spacing, view,
                                                            model.encode_image)
+                self._remember_view(enc.key, enc.image_embedding)
             else:
                 with torch.inference_mode():
                     pooled = torch.cat([enc.cls, enc.patch_tokens.mean(0)])[None].to(self.device)
                     enc.image_embedding = model.project_image(pooled)[0].float().cpu()
         return enc.image_embedding
+
+    def clear_cache(self) -> None:
+        """Forget every encoded volume and image embedding (text embeddings stay)."""
+        self.cache.clear()
+        self._views.clear()
+
+    def _remember_view(self, key: str, embedding: torch.Tensor) -> None:
+        self._views[key] = embedding
+        while len(self._views) > VIEW_CACHE_SIZE:
+            self._views.popitem(last=False)
+
+    def _content_key(self, volume: Volume | str | os.PathLike) -> tuple[str, Volume | None]:
+        """The content hash of a volume, and the volume if it had to be read (``None`` when the same
+        unchanged file was hashed before)."""
+        fkey = file_key(volume)
+        if fkey and fkey in self._file_keys:
+            return self._file_keys[fkey], None
+        vol = as_volume(volume)
+        key = volume_content_hash(vol)
+        if fkey:
+            self._file_keys[fkey] = key
+            while len(self._file_keys) > 64:
+                self._file_keys.popitem(last=False)
+        return key, vol
 
     def _view_embedding(self, prepared: np.ndarray, spacing, view: dict[str, Any], embed) -> torch.Tensor:
         """``embed`` of the deterministic image view of a prepared array, float32 on the CPU."""
@@ -247,7 +209,7 @@ class Session:
         x = torch.from_numpy(image_view(prepared, spacing, view))[None, None].to(self.device)
         with torch.inference_mode(), self._autocast(), single_thread(self.device):
             out = embed(x)[0].float().cpu()
-        self.stats["view_passes"] = self.stats.get("view_passes", 0) + 1
+        self.stats["view_passes"] += 1
         return out
 
     def image_features(self, volume: Volume | str | os.PathLike, view: dict[str, Any] | None = None) -> torch.Tensor:
