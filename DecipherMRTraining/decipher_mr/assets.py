@@ -38,7 +38,7 @@ def aal_region_names() -> dict[int, str]:
     """Label value → AAL region name, e.g. ``{1: 'Precentral_L', ...}``."""
     path = _need(MRICRON_TEMPLATES / "aal.nii.txt", "apt-get install mricron-data (or `make setup`)")
     names: dict[int, str] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0].isdigit():
             names[int(parts[0])] = parts[1]

@@ -39,7 +39,7 @@ from decipher_mr.train.clip_loss import ClipLoss  # noqa: E402
 
 def typical_reports(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    records = [r for r in json.loads(radiology_findings().read_text()) if str(r.get("modality", "")).upper() == "MRI"]
+    records = [r for r in json.loads(radiology_findings().read_text(encoding="utf-8")) if str(r.get("modality", "")).upper() == "MRI"]
     descriptions = [r["description"] for r in records if r.get("description")]
     out = []
     for _ in range(n):

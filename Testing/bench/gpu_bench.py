@@ -626,7 +626,7 @@ def run_child(args: argparse.Namespace, cache_dir: Path, work: Path, tok_dir: Pa
         rc = subprocess.run(cmd, env=env, timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:
         rc = 124
-    data = json.loads(result.read_text()) if result.exists() else {"errors": {"torchrun": f"child exited {rc} without a result"}}
+    data = json.loads(result.read_text(encoding="utf-8")) if result.exists() else {"errors": {"torchrun": f"child exited {rc} without a result"}}
     return data, rc, ["torchrun", "--standalone", "--nproc_per_node=1", "Testing/bench/gpu_bench.py", "--worker"]
 
 

@@ -61,7 +61,7 @@ def main() -> int:
                    "--name", f"sampling-{tag}"])
         run(CLI + ["evaluate", "retrieval", "--bundle", str(bundle), "--manifest", str(demo / "data" / "manifest.jsonl"),
                    "--split", "test", "--out", str(out / f"eval-{tag}"), "--no-progress"])
-        figs = json.loads((out / f"eval-{tag}" / "retrieval.json").read_text())["figures"]
+        figs = json.loads((out / f"eval-{tag}" / "retrieval.json").read_text(encoding="utf-8"))["figures"]
         rows.append((frac, {short: figs.get(key) for key, short in FIGURES}, time.perf_counter() - t0))
     head = "| mixed_fraction | " + " | ".join(short for _, short in FIGURES) + " |"
     lines = [head, "|" + "---|" * (len(FIGURES) + 1)]
@@ -73,7 +73,7 @@ def main() -> int:
                          f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] (chance {e['chance']:.2f})")
         label = {0.0: "0 (organ-aware only)", 1.0: "1 (random)"}.get(frac, f"{frac:g}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    n = json.loads((out / f"eval-mixed-{args.fractions[0]:g}" / "retrieval.json").read_text())["n"]
+    n = json.loads((out / f"eval-mixed-{args.fractions[0]:g}" / "retrieval.json").read_text(encoding="utf-8"))["n"]
     table = "\n".join(lines) + f"\n\nTest split: {n} volumes; 95% bootstrap intervals by study.\n"
     (out / "tradeoff.md").write_text(table)
     print(table)

@@ -55,7 +55,7 @@ class LoopbackSSHServer:
         self.host_key = keygen(self.folder / "host_key")
         self.user_key = keygen(self.folder / "user_key")
         self.stranger_key = keygen(self.folder / "stranger_key")  # never authorised: a refused key
-        (self.folder / "authorized_keys").write_text(Path(f"{self.user_key}.pub").read_text())
+        (self.folder / "authorized_keys").write_text(Path(f"{self.user_key}.pub").read_text(encoding="utf-8"))
         self.config = self.folder / "sshd_config"
         self.config.write_text("\n".join([
             "ListenAddress 127.0.0.1", f"Port {self.port}", f"HostKey {self.host_key}",
@@ -65,7 +65,7 @@ class LoopbackSSHServer:
             "X11Forwarding no", "LogLevel ERROR", "MaxStartups 50", "",
         ]))
         # the client's config: only this server's host key is known, nothing from ~/.ssh is read
-        host_pub = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
+        host_pub = " ".join(Path(f"{self.host_key}.pub").read_text(encoding="utf-8").split()[:2])
         (self.folder / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub}\n")
         self.client_config = self.folder / "ssh_config"
         self.client_config.write_text("\n".join([
@@ -88,7 +88,7 @@ class LoopbackSSHServer:
                 return self
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(self.folder / 'sshd.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"sshd did not start: {(self.folder / 'sshd.log').read_text(encoding='utf-8')[-2000:]}")
                 time.sleep(0.05)
 
     def stop(self) -> None:

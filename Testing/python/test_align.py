@@ -163,7 +163,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_process_ddp_splits_region_batches_and_gathers_loss_gradients(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     # every rank derives the same global batches (padded to a multiple of the world size) on its own
     reference = RegionBatchSampler(REGIONS, batch_size=4, seed=3, world_size=2).global_batches(0)
     assert set(i for b in reference for i in b.tolist()) == set(range(len(REGIONS)))

@@ -62,7 +62,7 @@ def test_a_folder_batch_reports_the_bad_volume_and_writes_the_rest(bundle, data,
         src_vol = read_volume(src)
         seg = read_volume(out / item / "segmentation.nii.gz")
         assert seg.same_geometry(src_vol), item  # oblique NRRD and DICOM included
-        summary = json.loads((out / item / "summary.json").read_text())
+        summary = json.loads((out / item / "summary.json").read_text(encoding="utf-8"))
         assert set(summary["outputs"]) == {"segmentation", "anomaly"}
         assert all(f in rows[item]["outputs"] for f in (f"{item}/segmentation.nii.gz", f"{item}/summary.json"))
     assert not list(out.rglob("*.png"))  # no previews in a batch unless asked
@@ -111,7 +111,7 @@ def test_a_manifest_batch_names_the_bad_line_and_goes_on(bundle, data, tmp_path)
     assert len(bad) == 2
     assert any(":3" in r["input"] + r["error"] and "image" in r["error"] for r in bad)  # line 3, field image
     assert any("missing.nii.gz" in r["error"] for r in bad)
-    assert "SECRET" not in (out / "infer_summary.csv").read_text()  # report text is never written out
+    assert "SECRET" not in (out / "infer_summary.csv").read_text(encoding="utf-8")  # report text is never written out
     assert (out / "sub-a" / "segmentation.nii.gz").is_file()
 
 

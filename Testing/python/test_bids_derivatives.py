@@ -61,7 +61,7 @@ def test_bids_input_writes_a_valid_derivative_dataset(bundle, bids):
     assert {f.entities["subject"] for f in dseg} == {"01", "02"}
     assert sorted(f.entities.get("desc") for f in dseg) == ["T1w", "T1w", "T2w"]
 
-    desc = json.loads((deriv / "dataset_description.json").read_text())
+    desc = json.loads((deriv / "dataset_description.json").read_text(encoding="utf-8"))
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "decipher-mr"
     assert desc["DatasetLinks"]["raw"] == "../../"
 
@@ -79,7 +79,7 @@ def test_each_derivative_is_named_after_its_source_on_its_grid_with_provenance(b
     assert seg.same_geometry(source) and heat.same_geometry(source)  # the oblique T2w too
     assert 0.0 <= heat.array.min() and heat.array.max() <= 1.0
 
-    side = json.loads(Path(f"{base}_seg-lobes_desc-{suffix}_dseg.json").read_text())
+    side = json.loads(Path(f"{base}_seg-lobes_desc-{suffix}_dseg.json").read_text(encoding="utf-8"))
     assert side["Sources"] == [f"bids:raw:{SOURCES[n]}"]
     prov = side["DecipherMR"]
     assert prov["BundleFingerprint"] == Session.from_bundle(bundle, device="cpu").fingerprint
@@ -97,7 +97,7 @@ def test_a_rerun_on_bids_skips_and_the_summary_is_ignored_by_validators(bundle, 
     assert _run(bundle, bids) == 0
     with open(deriv / "infer_summary.csv", newline="") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["skipped"] * 3
-    assert (deriv / ".bidsignore").read_text().split() == ["infer_summary.csv"]
+    assert (deriv / ".bidsignore").read_text(encoding="utf-8").split() == ["infer_summary.csv"]
     assert derivative_name_problems(deriv) == []
 
 

@@ -265,7 +265,7 @@ def test_export_reads_the_preprocessing_recorded_by_the_alignment_run(tmp_path, 
     assert main(["export", "--out", str(out), "--align", str(run)]) == 0
     bundle = load_bundle(out)
     assert bundle.preprocess.target_spacing == (6.0, 6.0, 6.0)
-    card = (bundle.folder / "MODEL_CARD.md").read_text()
+    card = (bundle.folder / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "2 prepared series (brain 2; splits train 1, val 1), 1 with a report" in card
     assert "Normal brain" not in card  # report text is patient data
 
@@ -346,7 +346,7 @@ def test_flipped_byte_is_refused_naming_the_file(bundle_zip, tmp_path, capsys):
 
 
 def test_newer_format_version_is_refused(bundle_dir, tmp_path):
-    cfg = json.loads((bundle_dir / "config.json").read_text())
+    cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
     cfg["format_version"] = 99
     (bundle_dir / "config.json").write_text(json.dumps(cfg))
     write_manifest(bundle_dir)  # a genuine bundle from a newer decipher-mr: checksums all match
@@ -355,7 +355,7 @@ def test_newer_format_version_is_refused(bundle_dir, tmp_path):
 
 
 def test_edited_config_without_new_checksums_is_refused(bundle_dir):
-    cfg = json.loads((bundle_dir / "config.json").read_text())
+    cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
     cfg["heads"]["region"]["task"] = "regress"
     (bundle_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BundleError, match=r"config\.json: checksum mismatch"):

@@ -197,7 +197,7 @@ def test_readme_and_manifest_say_what_is_generated(corpus):
         assert row["generated"]["report"]
         if row["body_region"] != "brain":
             assert "phantom" in row["generated"]["anatomy"]
-    header = (root / "regions" / "aal_labels.csv").read_text().splitlines()
+    header = (root / "regions" / "aal_labels.csv").read_text(encoding="utf-8").splitlines()
     assert header[0] == "value,name" and "1,Precentral_L" in header
 
 

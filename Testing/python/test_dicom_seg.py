@@ -120,7 +120,7 @@ def test_a_nifti_input_gets_a_seg_on_a_written_reference_series(bundle, tmp_path
 
 def test_an_old_bundle_without_codes_loads_and_exports_default_codes(tmp_path):
     old = tiny_bundle(tmp_path, coded=False)
-    assert (old / "heads" / "lobes" / "labels.csv").read_text().splitlines()[0] == "index,name"
+    assert (old / "heads" / "lobes" / "labels.csv").read_text(encoding="utf-8").splitlines()[0] == "index,name"
     rows = load_bundle(old).labels["lobes"]
     codes = label_codes(rows)
     assert [c.type[1] for c in codes] == ["83251001", "78277001", "113305005", "85756007"]
@@ -145,13 +145,13 @@ def test_a_bundle_with_a_malformed_code_is_refused_clearly(tmp_path):
 
     b = tiny_bundle(tmp_path)
     labels = b / "heads" / "lobes" / "labels.csv"
-    text = labels.read_text().replace("SCT^83251001^Frontal lobe", "SCT^83251001")
+    text = labels.read_text(encoding="utf-8").replace("SCT^83251001^Frontal lobe", "SCT^83251001")
     labels.write_text(text)
     manifest = (b / "manifest.json")
     import hashlib
     import json
 
-    m = json.loads(manifest.read_text())
+    m = json.loads(manifest.read_text(encoding="utf-8"))
     m["files"]["heads/lobes/labels.csv"]["sha256"] = hashlib.sha256(labels.read_bytes()).hexdigest()
     m["files"]["heads/lobes/labels.csv"]["bytes"] = labels.stat().st_size
     manifest.write_text(json.dumps(m))

@@ -87,10 +87,10 @@ def test_evaluate_heads_cli_writes_report_and_compares_with_segresnet(prepared_d
     assert rc == 0
     printed = capsys.readouterr().out
     assert "SegResNet" in printed and "time to reach SegResNet's final Dice" in printed
-    data = json.loads((out / "heads.json").read_text())
+    data = json.loads((out / "heads.json").read_text(encoding="utf-8"))
     assert data["results"][0]["task"] == "segment" and "dice" in data["results"][0]["metrics"]
     assert data["comparison"]["baseline"]["history"], "the baseline curve is recorded"
-    md = (out / "heads.md").read_text()
+    md = (out / "heads.md").read_text(encoding="utf-8")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert any(p.startswith("overlay-") for p in pngs) and any(p.startswith("curve-") for p in pngs)
     assert all(f"]({p})" in md for p in pngs)

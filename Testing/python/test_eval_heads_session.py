@@ -36,7 +36,7 @@ def evaluated(bundle, demo_corpus):
 
 def test_every_row_goes_through_one_session_encoding_serving_every_head(evaluated, demo_corpus):
     session, result = evaluated
-    rows = [json.loads(line) for line in Path(demo_corpus).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(demo_corpus).read_text(encoding="utf-8").splitlines() if line.strip()]
     assert result["errors"] == []
     assert result["evaluated"] == result["rows"] == len(rows)
     assert set(result["heads"]) == {"segment", "anomaly", "ground"}
@@ -152,7 +152,7 @@ def test_cli_reports_a_bad_row_goes_on_and_prints_no_report_text(bundle, demo_co
     from decipher_mr.cli import main
 
     src = Path(demo_corpus)
-    lines = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     brains = [r for r in lines if r["body_region"] == "brain"][:3]
     for r in brains:
         for k in ("image", "mask", "regions", "report", "tissue", "region_labels"):
@@ -167,14 +167,14 @@ def test_cli_reports_a_bad_row_goes_on_and_prints_no_report_text(bundle, demo_co
                "--out", str(out), "--device", "cpu", "--bootstrap", "100", "--no-progress"])
     cap = capsys.readouterr()
     assert rc == 0
-    result = json.loads((out / "heads.json").read_text())
+    result = json.loads((out / "heads.json").read_text(encoding="utf-8"))
     assert result["evaluated"] == 2 and result["rows"] == 3
     fields = {(e["id"], e["field"]) for e in result["errors"]}
     assert (brains[1]["id"], "image") in fields and (None, None) in fields
     assert "missing.nii.gz" in cap.err and "| segment: mean Dice per study |" in cap.out
-    md = (out / "heads.md").read_text()
+    md = (out / "heads.md").read_text(encoding="utf-8")
     assert "| segment.mean_dice |" in md
     for r in brains:
-        report = Path(r["report"]).read_text()
+        report = Path(r["report"]).read_text(encoding="utf-8")
         for sentence in (s.strip() for s in report.replace("\n", " ").split(".") if len(s.strip()) > 25):
             assert sentence not in cap.out + cap.err + md

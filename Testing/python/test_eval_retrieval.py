@@ -81,8 +81,8 @@ def test_evaluate_retrieval_command_writes_json_and_markdown_without_report_text
     capsys.readouterr()
     assert cli_main(["evaluate", "retrieval", "--checkpoint", str(run), "--cache", str(cache), "--no-progress"]) == 0
     printed = capsys.readouterr()
-    result = json.loads((run / "eval-test" / "retrieval.json").read_text())
-    md = (run / "eval-test" / "retrieval.md").read_text()
+    result = json.loads((run / "eval-test" / "retrieval.json").read_text(encoding="utf-8"))
+    md = (run / "eval-test" / "retrieval.md").read_text(encoding="utf-8")
     assert result["n"] == 12 and set(result["retrieval"]) >= {"image_to_report", "report_to_image", "chance"}
     assert {"R@1", "R@5", "R@10", "median_rank"} <= set(result["retrieval"]["image_to_report"])
     assert result["zero_shot"]["sequence"]["classes"] == ["T1", "T2"]
@@ -105,6 +105,6 @@ def test_align_and_evaluate_run_on_the_prepared_demo_corpus(prepared_demo_cache,
     assert code == 0
     assert cli_main(["evaluate", "retrieval", "--checkpoint", str(run), "--cache", str(prepared_demo_cache),
                      "--no-progress"]) == 0
-    result = json.loads((run / "eval-test" / "retrieval.json").read_text())
+    result = json.loads((run / "eval-test" / "retrieval.json").read_text(encoding="utf-8"))
     assert result["zero_shot"]["body_region"]["classes"] == ["brain", "knee"]
     assert 0.0 <= result["body_region_top3"]["image_to_report"] <= 1.0

@@ -53,7 +53,7 @@ def test_cpu_smoke_runs_end_to_end(smoke):
 
 def test_json_has_every_key(smoke):
     _, path = smoke
-    r = json.loads(path.read_text())
+    r = json.loads(path.read_text(encoding="utf-8"))
     assert r["mode"] == "cpu-smoke" and r["errors"] == {}
     for key in ("torch", "device_name", "data", "goals", "torchrun_command", "torchrun_exit", "process_group",
                 "peak_bf16", "stage1", "stage2", "encoder", "trainer_smoke", "align_smoke", "phase_s", "elapsed_s",
@@ -82,7 +82,7 @@ def test_json_has_every_key(smoke):
 
 def test_stage1_runs_in_a_torchrun_process_group(smoke):
     _, path = smoke
-    r = json.loads(path.read_text())
+    r = json.loads(path.read_text(encoding="utf-8"))
     pg = r["process_group"]
     assert pg["torchrun"] is True  # TORCHELASTIC_RUN_ID: the child was started by torchrun
     assert pg["initialized"] is True and pg["backend"] == "gloo" and pg["world_size"] == 1

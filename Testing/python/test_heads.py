@@ -60,9 +60,9 @@ def test_every_head_round_trips_through_json_config_safetensors_and_labels_csv(t
     for task, cfg in configs.items():
         head = build_head(task, cfg).eval()
         save_head(head, tmp_path / task)
-        assert (tmp_path / task / "labels.csv").read_text().splitlines()[0] == "index,name"
+        assert (tmp_path / task / "labels.csv").read_text(encoding="utf-8").splitlines()[0] == "index,name"
         again, record = load_head(tmp_path / task)
-        assert record["task"] == task and json.loads((tmp_path / task / "head.json").read_text())["config"]["labels"] == cfg.get("labels", [])
+        assert record["task"] == task and json.loads((tmp_path / task / "head.json").read_text(encoding="utf-8"))["config"]["labels"] == cfg.get("labels", [])
         with torch.no_grad():
             assert torch.allclose(head(out, image=x, text=text), again(out, image=x, text=text))
 
@@ -90,7 +90,7 @@ def test_regression_probe_beats_the_training_mean(prepared_demo_cache, runs, tmp
     (cache_dir / "items").symlink_to(src / "items")
     shutil.copy(src / "cache.json", cache_dir / "cache.json")
     rows = []
-    for line in (src / "index.jsonl").read_text().splitlines():
+    for line in (src / "index.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         regions = np.load(src / row["regions"])
         row["labels"]["anatomy_volume_ml"] = float((regions > 0).sum() * np.prod(row["spacing"]) / 1000.0)
@@ -216,7 +216,7 @@ def test_train_head_cli_writes_a_bundle_ready_head(prepared_demo_cache, tmp_path
                "progress=false", "head.crop=[32,32,32]", "--fraction", "0.5"])
     assert rc == 0
     assert {p.name for p in (out / "head").iterdir()} >= {"head.json", "head.safetensors", "labels.csv", "manifest.json"}
-    assert json.loads((out / "history.json").read_text())["fraction"] == 0.5
+    assert json.loads((out / "history.json").read_text(encoding="utf-8"))["fraction"] == 0.5
 
 
 def test_train_head_cli_names_a_missing_cache(tmp_path, capsys):

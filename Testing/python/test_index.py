@@ -31,7 +31,7 @@ def session(bundle) -> Session:
 
 @pytest.fixture(scope="module")
 def rows(demo_corpus) -> list[dict]:
-    return [json.loads(line) for line in demo_corpus.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in demo_corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_rows(rows: list[dict], base: Path, dest: Path) -> Path:
@@ -144,7 +144,7 @@ def test_index_cli_build_and_search(bundle, demo_corpus, rows, tmp_path, capsys)
     assert main(["index", "search", str(out), "--text", QUERY, "-k", "2", "--json", str(tmp_path / "hits.json")]) == 0
     printed = capsys.readouterr().out
     assert rows[0]["id"] in printed or rows[1]["id"] in printed or rows[2]["id"] in printed
-    hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
+    hits = json.loads((tmp_path / "hits.json").read_text(encoding="utf-8"))["hits"]
     assert len(hits) == 2 and all("report" in h for h in hits)
     for h in hits:  # report text goes to the file, never to the terminal
         assert h["report"] not in printed

@@ -225,7 +225,7 @@ def test_infer_cli_writes_outputs_summary_and_previews(bundle, colin, tmp_path):
     rc = main(["infer", "--bundle", str(bundle), "--volume", str(src), "--tasks", "segment,anomaly,localize",
                "--query", QUERY, "--out", str(out), "--format", "nrrd"])
     assert rc == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["outputs"]) == {"segmentation", "anomaly", "localization", "ground-lesion-in-the-left-frontal-lobe"}
     for name in ("segmentation", "anomaly", "ground-lesion-in-the-left-frontal-lobe"):
         entry = summary["outputs"][name]

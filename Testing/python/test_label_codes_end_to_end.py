@@ -54,7 +54,7 @@ def bundle(tmp_path_factory) -> Path:
 
 def expected_entries(bundle: Path) -> dict[str, str]:
     """Segment name -> the TerminologyEntry its label table row should give."""
-    table = (bundle / "heads" / "lobes" / "labels.csv").read_text()
+    table = (bundle / "heads" / "lobes" / "labels.csv").read_text(encoding="utf-8")
     assert "SCT^86049000^Malignant neoplasm, primary" in table  # the custom code is in the bundle's file
     return {name: slicer_terminology_entry(*(CUSTOM.get(i) or default_codes(name)))
             for i, name in enumerate(LOBES) if i > 0}

@@ -89,7 +89,7 @@ def test_bids_dry_run_table_and_manifest(bids_root, tmp_path, capsys):
     assert flair.extra["bids"]["acquisition"] == "fast" and flair.extra["acquisition"]["InversionTime"] == 2.5
     assert flair.report_text is None  # no report for session 2
     assert by["sub-02_T1w"].split == "test" and by["sub-02_T1w"].report_text == "Mild atrophy."
-    assert not Path(json.loads(dest.read_text().splitlines()[0])["image"]).is_absolute()
+    assert not Path(json.loads(dest.read_text(encoding="utf-8").splitlines()[0])["image"]).is_absolute()
     assert read_volume(t1.image).same_geometry(read_volume(bids_root / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"))
     assert "Normal brain" not in capsys.readouterr().out  # report text is never printed
 

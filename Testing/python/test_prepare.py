@@ -92,7 +92,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 
 def cache_content(folder: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
-    rows = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "index.jsonl").read_text(encoding="utf-8").splitlines()]
     arrays = {p.name: np.load(p) for p in sorted((folder / "items").iterdir())}
     return rows, arrays
 
@@ -130,7 +130,7 @@ def test_a_manifest_mixing_good_and_bad_rows_prepares_the_good_ones_and_lists_th
                      "--max-voxels", "500000", "--no-progress"])
     assert code == 1
     assert len(PreparedCache(tmp_path / "cache")) == 2
-    failures = json.loads((tmp_path / "cache" / "failures.json").read_text())
+    failures = json.loads((tmp_path / "cache" / "failures.json").read_text(encoding="utf-8"))
     assert len(failures) == len(bad_rows) + 1
     for problem, row in bad_rows.items():
         reason = next(f["reason"] for f in failures if f["source"] == row["image"])
@@ -145,7 +145,7 @@ def test_allow_failures_turns_the_exit_code_to_zero(tmp_path, good_rows, bad_row
                      "--allow-failures", "--no-progress"])
     assert code == 0
     assert len(PreparedCache(tmp_path / "cache")) == 1
-    assert len(json.loads((tmp_path / "cache" / "failures.json").read_text())) == 1
+    assert len(json.loads((tmp_path / "cache" / "failures.json").read_text(encoding="utf-8"))) == 1
 
 
 def test_resuming_skips_finished_items_and_matches_a_straight_run(tmp_path, good_rows):
@@ -215,7 +215,7 @@ def test_a_killed_run_leaves_a_readable_cache_that_the_next_run_completes(tmp_pa
     index = out / "index.jsonl"
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
-        if index.exists() and index.read_text().count("\n") >= 1:
+        if index.exists() and index.read_text(encoding="utf-8").count("\n") >= 1:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)

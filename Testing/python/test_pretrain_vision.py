@@ -42,7 +42,7 @@ def tiny_config(cache: Path, run_dir: Path, *more: str) -> dict:
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["iteration"]: r for r in rows}
 
 
@@ -75,7 +75,7 @@ def _wait_for_iterations(run_dir: Path, n: int, proc: subprocess.Popen, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         f = run_dir / "metrics.jsonl"
-        if f.exists() and len(f.read_text().splitlines()) >= n:
+        if f.exists() and len(f.read_text(encoding="utf-8").splitlines()) >= n:
             return
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.stderr.read()}")
@@ -268,7 +268,7 @@ def test_teacher_export_from_the_command_line_loads_as_an_encoder(short_run, tmp
     teacher = {k[len("teacher.backbone."):]: v for k, v in weights_of(short_run).items() if k.startswith("teacher.backbone.")}
     for k, v in enc.state_dict().items():
         assert torch.equal(v, teacher[k]), k
-    assert json.loads(out.with_suffix(".json").read_text())["embed_dim"] == 64
+    assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["embed_dim"] == 64
 
 
 def test_multicrop_views_have_the_configured_sizes_and_depend_only_on_the_key(prepared_demo_cache):
@@ -429,7 +429,7 @@ def test_prototypes_stay_frozen_for_the_configured_iterations_then_move(prepared
         parts = [rows[i][f"grad_norm/{p}"] for p in ("backbone", "dino_head", "ibot_head")]
         assert rows[i]["grad_norm"] == pytest.approx(sum(v * v for v in parts) ** 0.5, rel=1e-6)
     # the trainer's optimiser uses those groups (saved with the checkpoint)
-    state = json.loads((run / "checkpoints" / "ckpt-00000004" / "trainer_state.json").read_text())
+    state = json.loads((run / "checkpoints" / "ckpt-00000004" / "trainer_state.json").read_text(encoding="utf-8"))
     groups = state["optimizers"]["adamw"]["param_groups"]
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["backbone.cls_pos"]["wd_scale"] == 0.0

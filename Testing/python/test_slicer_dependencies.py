@@ -180,7 +180,7 @@ def test_plan_names_each_missing_item_once_and_install_runs_torch_first_then_pin
         (site / "torch-99.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 99.1\n")
 
     def pip_install(args):
-        pins = Path(args[args.index("-c") + 1]).read_text() if "-c" in args else None
+        pins = Path(args[args.index("-c") + 1]).read_text(encoding="utf-8") if "-c" in args else None
         copy = Path(args[-1])
         calls.append(("pip", args, pins, (copy / "pyproject.toml").is_file() and copy != package))
 
@@ -225,7 +225,7 @@ def test_without_a_constraint_pip_replaces_torch_and_with_one_it_refuses(tmp_pat
     # The defect: a plain install of a package wanting a newer torch replaces the installed build.
     report = tmp_path / "report.json"
     subprocess.run([*env.pip_command, "install", "--dry-run", "--quiet", "--report", str(report), *env.index_options, "needsnew"], check=True, timeout=120)
-    assert ("torch", "2.6.0") in parse_pip_report(report.read_text())
+    assert ("torch", "2.6.0") in parse_pip_report(report.read_text(encoding="utf-8"))
     # The module's install pins the installed torch in the same pip call: pip fails instead.
     package = make_package(tmp_path / "DecipherMRTraining", "decipher-mr", ["torch>=2.4", "needsnew>=1"])
     plan = plan_install(pytorch_extension=True, candidates=[package], env=env)
@@ -350,7 +350,7 @@ def _extras(package_dir: Path) -> set[str]:
     """Distributions named by the package's optional extras (pyproject [project.optional-dependencies])."""
     import tomllib
 
-    extras = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"].get("optional-dependencies", {})
+    extras = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"].get("optional-dependencies", {})
     return {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower().replace("_", "-") for reqs in extras.values() for req in reqs}
 
 

@@ -259,7 +259,7 @@ from test_pretrain_vision import CONFIG, TINY  # noqa: E402  (the same tiny stag
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["iteration"]: r for r in rows}
 
 

@@ -356,7 +356,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_process_ddp_gradcache_equals_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     model = tiny_model().eval()
     text = TextSide(model, REPORTS, torch.device("cpu"), precompute=False)
     loss, _, _ = clip_step(model, ClipLoss(), _batch(), text, list(range(len(REPORTS))), chunks=1)

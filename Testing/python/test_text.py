@@ -61,7 +61,7 @@ def test_folder_without_tokenizer_or_config_is_refused(tmp_path):
 
 def test_tokenizer_that_does_not_match_the_model_is_refused(tmp_path):
     folder = _copy_folder(minilm_text_encoder(), tmp_path / "mismatch", set())
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg["vocab_size"] = 50265  # a RoBERTa-sized embedding table next to BERT's 30,522-token vocabulary
     os.remove(folder / "config.json")
     (folder / "config.json").write_text(json.dumps(cfg))

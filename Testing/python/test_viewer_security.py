@@ -283,10 +283,10 @@ def test_no_token_on_localhost_warns_and_lets_in(tmp_path):
         import time
 
         deadline = time.monotonic() + 90
-        while "DecipherMR viewer: http" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
+        while "DecipherMR viewer: http" not in log.read_text(encoding="utf-8") and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text(encoding="utf-8")
             time.sleep(0.2)
-        text = log.read_text()
+        text = log.read_text(encoding="utf-8")
         assert "WARNING: --no-token" in text and f"http://localhost:{port}/\n" in text
         status, body, _ = _run(_get(f"http://localhost:{port}/index.html"))
         assert status == 200 and REFUSAL not in body

@@ -123,7 +123,7 @@ def _retrieval(args: argparse.Namespace) -> int:
         cache = PreparedCache(args.cache)
         run_dir = Path(args.checkpoint)
         model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-        record = json.loads((model_dir / "config.json").read_text())
+        record = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         image_cfg = dict(record.get("training", {}).get("image", DEFAULT_IMAGE))
         image_cfg.pop("augment", None)
         if args.image_size:

@@ -103,7 +103,7 @@ def summary_table(folders: list[str | Path]) -> str:
         for name in ("retrieval.json", "probes.json", "heads.json"):
             path = Path(folder) / name
             if path.is_file():
-                found[name] = json.loads(path.read_text())
+                found[name] = json.loads(path.read_text(encoding="utf-8"))
     lines = list(TABLE_HEAD)
     for file, key, label in SUMMARY_FIGURES:
         e = (found.get(file) or {}).get("figures", {}).get(key)

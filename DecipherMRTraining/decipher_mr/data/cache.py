@@ -80,7 +80,7 @@ class PreparedCache:
         if not index.exists():
             raise CacheError(f"{self.root}: not a prepared cache (no index.jsonl); run `decipher-mr prepare` first")
         meta_path = self.root / "cache.json"
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         fmt = self.meta.get("format", CACHE_FORMAT)
         if fmt > CACHE_FORMAT:
             raise CacheError(f"{meta_path}: cache format {fmt} is newer than this version understands ({CACHE_FORMAT})")

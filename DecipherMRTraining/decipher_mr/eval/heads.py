@@ -176,7 +176,7 @@ def compare_with_segresnet(run: str | Path, cache: PreparedCache, budget_s: floa
     from .segresnet_baseline import time_to_reach, train_segresnet_baseline
 
     run = Path(run)
-    hist = json.loads((run / "history.json").read_text())
+    hist = json.loads((run / "history.json").read_text(encoding="utf-8"))
     head, record, _, _ = load_run(run)
     if record["task"] != "segment":
         raise ValueError(f"{run}: the SegResNet comparison is for segmentation heads, not {record['task']!r}")

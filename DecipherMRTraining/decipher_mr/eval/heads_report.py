@@ -120,7 +120,7 @@ def write_heads_report(results: Sequence[dict[str, Any]], out: str | Path,
                      f"{_fmt(res['baseline'].get(key))} ({res['baseline'].get('name')}) |")
         history_path = Path(res["run"]) / "history.json"
         if history_path.exists():
-            hist = json.loads(history_path.read_text())
+            hist = json.loads(history_path.read_text(encoding="utf-8"))
             low_data.setdefault(task, []).append((float(hist.get("fraction", 1.0)), float(res["metrics"].get(key, float("nan")))))
             base = comparison if comparison and comparison.get("run") == res["run"] else None
             figures.append(learning_curve_figure(hist.get("history", []), task, out / f"curve-{n}-{task}.png", base).name)

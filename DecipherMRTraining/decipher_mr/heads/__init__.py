@@ -154,13 +154,13 @@ def load_head(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     mpath = folder / "manifest.json"
     if not (folder / "head.json").exists() or not mpath.exists():
         raise HeadError(f"{folder}: not a saved head (needs head.json and manifest.json); run `decipher-mr train-head`")
-    manifest = json.loads(mpath.read_text())
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
     for name, digest in manifest.get("sha256", {}).items():
         if not (folder / name).exists():
             raise HeadError(f"{folder / name}: missing from the saved head")
         if sha256_file(folder / name) != digest:
             raise HeadError(f"{folder / name}: checksum mismatch, the head is damaged")
-    record = json.loads((folder / "head.json").read_text())
+    record = json.loads((folder / "head.json").read_text(encoding="utf-8"))
     if record.get("format", 0) > HEAD_FORMAT:
         raise HeadError(f"{folder / 'head.json'}: head format {record['format']} is newer than this version reads")
     cfg = config_for_task(record["task"], record["config"])

@@ -195,7 +195,7 @@ class VectorIndex:
         path, info_path = self.folder / "ann" / f"{space}.faiss", self.folder / "ann" / f"{space}.json"
         ann = self._ann.get(space)
         if ann is None and path.is_file() and info_path.is_file():
-            info = json.loads(info_path.read_text())
+            info = json.loads(info_path.read_text(encoding="utf-8"))
             if info.get("bundle_fingerprint") == self.meta["bundle_fingerprint"] and info.get("rows", 0) <= n:
                 ann = AnnIndex.load(path, info["nlist"], info["trained_rows"], covered=int(info["rows"]))
         rows = int(valid.sum())

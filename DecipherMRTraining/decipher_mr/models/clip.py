@@ -277,7 +277,7 @@ def load_image_text_model(path: str | Any) -> ImageTextModel:
     if not cfg_path.exists():
         raise AlignedModelError(f"{folder}: not an aligned model (no config.json); run `decipher-mr align` first")
     try:
-        record = json.loads(cfg_path.read_text())
+        record = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AlignedModelError(f"{cfg_path}: damaged ({exc})") from exc
     if record.get("format", 0) > MODEL_FORMAT:

@@ -70,7 +70,7 @@ def load_vision_encoder(path: str | Path, map_location: str | torch.device = "cp
     if "config" in meta:
         cfg_dict = json.loads(meta["config"])
     elif sidecar.exists():
-        cfg_dict = json.loads(sidecar.read_text())
+        cfg_dict = json.loads(sidecar.read_text(encoding="utf-8"))
     else:
         raise ValueError(f"{path}: no encoder config (neither in the file's metadata nor {sidecar.name})")
     encoder = VisionTransformer3D(VisionEncoderConfig.from_dict(cfg_dict))

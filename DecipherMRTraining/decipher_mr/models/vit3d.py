@@ -115,7 +115,7 @@ def vision_config(name_or_config: str | dict | VisionEncoderConfig | Path, **ove
         path = Path(name_or_config)
         if not path.exists():
             raise FileNotFoundError(f"{path}: vision encoder config not found")
-        base = json.loads(path.read_text())
+        base = json.loads(path.read_text(encoding="utf-8"))
     else:
         raise ValueError(f"unknown vision encoder {name_or_config!r}; presets: {', '.join(PRESETS)}")
     base.update(overrides)

@@ -168,7 +168,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     pointer = root / "latest.json"
     if pointer.exists():
         try:
-            cand = root / json.loads(pointer.read_text())["checkpoint"]
+            cand = root / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
             if (cand / MANIFEST).exists():
                 return cand
         except (json.JSONDecodeError, KeyError):
@@ -184,7 +184,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not mpath.exists():
         raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}); it may be incomplete")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{mpath}: damaged manifest ({exc})") from exc
     if manifest.get("format", 0) > CHECKPOINT_FORMAT:
@@ -235,7 +235,7 @@ def load_checkpoint(
         weights = load_file(str(path / "weights.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng_tensors = load_file(str(path / "rng.safetensors"))
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc})") from exc
     for mname, module in modules.items():

@@ -50,7 +50,7 @@ def load_run_config(path: str | Path | None, defaults: dict[str, Any], overrides
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            file_cfg = json.loads(p.read_text())
+            file_cfg = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: not valid JSON ({exc})") from exc
         file_cfg.pop("_comment", None)

@@ -36,7 +36,7 @@ def teacher_backbone_from_run(run_or_checkpoint: str | Path) -> VisionTransforme
     """
     ck = _checkpoint_of(run_or_checkpoint)
     read_manifest(ck)  # verifies checksums before anything is trusted
-    state = json.loads((ck / "trainer_state.json").read_text())
+    state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
     cfg_dict = state.get("stage", {}).get("encoder_config")
     if cfg_dict is None:
         raise CheckpointError(f"{ck / 'trainer_state.json'}: no encoder_config; not a stage-1 (pretrain-vision) checkpoint")

@@ -123,7 +123,7 @@ def _rewrite_metrics(path: Path, keep_before: int) -> None:
     """Drop metric lines from iterations a resumed run will redo (written after the last checkpoint)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iteration", 0) < keep_before]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("iteration", 0) < keep_before]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -211,7 +211,7 @@ def _train(cfg: dict[str, Any], resume: bool, ctx) -> dict[str, Any]:
     nan_in_a_row = 0
     stopped_by_signal = False
     last_ckpt = None
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if ctx.is_main else None
     it = start
     try:
         with StopRequest() as stop:
