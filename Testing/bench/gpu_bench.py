@@ -15,13 +15,13 @@ One run on one GPU (H100/H200), in under 8 minutes, with a random-weight ViT-B:
    384-d, random weights; the packaged MiniLM is not on the GPU machine) with its last 2 blocks trained.
 3. **Encoder latency** in the parent (after the child has exited): ViT-B on one 256x256x24 volume,
    fp32 and bf16, against a baseline ViT of the same size in the same run: MONAI's ``ViT`` when
-   ``monai`` imports, else ``RefViT`` below -- plain PyTorch with MONAI's parameter layout and MONAI's
+   ``monai`` imports, else ``RefViT`` (``gpu_bench_encoder.py``) -- plain PyTorch with MONAI's parameter layout and MONAI's
    attention arithmetic (einsum + softmax, no SDPA); ``Testing/python/test_gpu_bench.py`` checks that
    it computes exactly what MONAI's ``ViT`` computes on the same weights.
 
 Data: the real demo corpus needs SimpleITK/nibabel/nilearn and the MRI template packages, none of
 which are on the GPU machine, so the script writes a small prepared cache itself (``index.jsonl`` +
-``items/*.npy``, the format ``decipher-mr prepare`` writes) of synthetic head-like volumes (ellipsoidal
+``items/*.npy``, the format ``decipher-mr prepare`` writes; ``gpu_bench_data.py``) of synthetic head-like volumes (ellipsoidal
 skull/CSF/grey/white-matter shells, smooth bias field, Rician-like noise, z-scored), 256x256x32 at
 0.9x0.9x5 mm, with short reports for stage 2; ``--cache DIR`` uses a real prepared cache instead.
 
@@ -54,14 +54,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "DecipherMRTraining"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_bench_data import build_synthetic_cache, write_tokenizer_folder  # noqa: E402
+from gpu_bench_encoder import (GOAL_ENCODER_SPEEDUP, RefViT, bf16_gemm_peak, encoder_latency,  # noqa: E402,F401
+                               sync, time_calls)
+from gpu_bench_table import print_table  # noqa: E402
 
 GOAL_MFU = 0.40
-GOAL_ENCODER_SPEEDUP = 3.0
 RESULT_NAME = "gpu_bench.json"
 
 # Settings per mode. "gpu": the paper's ViT-B stage-1 crops, align-base's view; "cpu": tiny, seconds.
@@ -89,210 +92,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 BLOCKED_ON_GPU_MACHINE = ("monai", "SimpleITK", "nibabel", "faiss")
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn, reps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
-
-
-def bf16_gemm_peak(device: torch.device, n: int, reps: int) -> dict[str, Any]:
-    """TFLOP/s of an n x n x n bf16 matrix product (mean of ``reps`` after 3 warm-ups)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    times = time_calls(lambda: a @ b, reps, 3, device)
-    mean = statistics.fmean(times)
-    return {"tflops": 2 * n**3 / mean / 1e12, "n": n, "reps": reps, "mean_ms": mean * 1e3}
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic prepared cache (the demo corpus needs SimpleITK/nibabel/nilearn: not on the GPU machine)
-
-PLACES = ["left frontal lobe", "right parietal lobe", "left temporal lobe", "right occipital lobe", "cerebellum",
-          "left basal ganglia", "right centrum semiovale", "corpus callosum"]
-WORDS = ("no acute intracranial abnormality . mild periventricular white matter hyperintensity small focal lesion "
-         "in the measuring mm with surrounding oedema no mass effect midline shift ventricles normal size "
-         "findings impression t1 t2 flair weighted axial images of brain were obtained enhancement after contrast "
-         "chronic microvascular change lacunar infarct restricted diffusion haemorrhage normal study").split()
-
-
-def synthetic_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
-    """A head-like MR volume: nested ellipsoids (skull, CSF, grey, white matter, ventricles), a lesion,
-    a smooth multiplicative bias field and noise, z-scored inside the head; float32."""
-    axes = [(np.arange(s) - (s - 1) / 2) * sp for s, sp in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*axes, indexing="ij")
-    half = np.array([s * sp / 2 for s, sp in zip(shape, spacing)]) * rng.uniform(0.78, 0.9, 3)
-    r = np.sqrt((x / half[0]) ** 2 + (y / half[1]) ** 2 + (z / max(half[2], 1e-3)) ** 2)
-    vol = np.zeros(shape, np.float32)
-    for radius, value in ((1.0, 0.35), (0.93, 0.15), (0.88, 0.62), (0.70, 0.85)):  # skull, CSF, GM, WM
-        vol[r <= radius] = value
-    vent = np.sqrt((np.abs(x) / (0.12 * half[0]) - 1.2) ** 2 + (y / (0.35 * half[1])) ** 2 + (z / (0.5 * half[2] + 1e-3)) ** 2)
-    vol[vent <= 1.0] = 0.15
-    c = rng.uniform(-0.4, 0.4, 3) * half
-    lesion = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) <= rng.uniform(4, 10) ** 2
-    vol[lesion & (r < 0.85)] = rng.choice([0.3, 1.0])
-    bias = 1 + 0.15 * np.sin(x / half[0] * rng.uniform(1, 2)) * np.cos(y / half[1] * rng.uniform(1, 2))
-    vol = vol * bias + rng.normal(0, 0.03, shape)
-    vol = np.abs(vol).astype(np.float32)
-    inside = r <= 1.0
-    m, s = vol[inside].mean(), vol[inside].std() + 1e-6
-    return ((vol - m) / s).astype(np.float32)
-
-
-def synthetic_report(rng: np.random.Generator) -> str:
-    place = PLACES[int(rng.integers(len(PLACES)))]
-    size = int(rng.choice([4, 8, 12, 16]))
-    extra = " ".join(WORDS[int(i)] for i in rng.integers(len(WORDS), size=int(rng.integers(20, 120))))
-    return (f"TECHNIQUE: axial T1 and T2 weighted images. FINDINGS: a {size} mm lesion in the {place}. {extra}. "
-            f"IMPRESSION: focal lesion in the {place}.")
-
-
-def build_synthetic_cache(root: Path, n: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-                          seed: int = 0) -> Path:
-    """A prepared cache (cache.json, index.jsonl, items/*.npy) of ``n`` synthetic brain volumes with reports."""
-    items = root / "items"
-    items.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        item_id = f"synth{i:03d}"
-        np.save(items / f"{item_id}.npy", synthetic_volume(shape, spacing, rng))
-        rows.append({"id": item_id, "array": f"items/{item_id}.npy", "shape": list(shape), "spacing": list(spacing),
-                     "body_region": "brain", "sequence": ["T1", "T2"][i % 2], "split": "train",
-                     "study_id": f"study{i:03d}", "report": synthetic_report(rng)})
-    (root / "cache.json").write_text(json.dumps({"format": 1, "preprocess": {"synthetic": True}}))
-    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def write_tokenizer_folder(folder: Path, reports: list[str]) -> Path:
-    """A WordPiece vocabulary (BERT special tokens, characters, the reports' words) for a random BERT:
-    the packaged MiniLM tokenizer is not on the GPU machine."""
-    folder.mkdir(parents=True, exist_ok=True)
-    words = sorted({w for r in reports for w in r.lower().replace(".", " . ").replace(":", " : ").replace(",", " , ").split()})
-    chars = sorted({c for r in reports for c in r.lower() if not c.isspace()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "..."] + chars + [f"##{c}" for c in chars] + words
-    seen: dict[str, None] = {}
-    for v in vocab:
-        seen.setdefault(v, None)
-    (folder / "vocab.txt").write_text("\n".join(seen) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# the baseline encoder when MONAI is not installed
-
-class _RefAttention(nn.Module):
-    """MONAI's ``SABlock`` arithmetic: one qkv Linear (no bias), einsum scores, softmax, einsum (no SDPA)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        att = (torch.einsum("blxd,blyd->blxy", q, k) * self.scale).softmax(dim=-1)
-        o = torch.einsum("bhxy,bhyd->bhxd", att, v)
-        return self.out_proj(o.permute(0, 2, 1, 3).reshape(B, N, D))
-
-
-class _RefMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.gelu(self.linear1(x)))
-
-
-class _RefBlock(nn.Module):
-    def __init__(self, dim: int, mlp_dim: int, heads: int):
-        super().__init__()
-        self.mlp = _RefMlp(dim, mlp_dim)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _RefAttention(dim, heads)
-        self.norm_cross_attn = nn.LayerNorm(dim)  # present (unused) in MONAI's TransformerBlock
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class _RefPatchEmbedding(nn.Module):
-    def __init__(self, in_ch: int, dim: int, img_size, patch):
-        super().__init__()
-        n = math.prod(s // p for s, p in zip(img_size, patch))
-        self.patch_embeddings = nn.Conv3d(in_ch, dim, kernel_size=patch, stride=patch)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, n, dim))
-        nn.init.trunc_normal_(self.position_embeddings, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch_embeddings(x).flatten(2).transpose(-1, -2) + self.position_embeddings
-
-
-class RefViT(nn.Module):
-    """MONAI ``ViT(classification=False, proj_type="conv", qkv_bias=False)`` in plain PyTorch: the same
-    parameter names and shapes (its state dict loads), the same arithmetic; returns ``(x, hidden_states)``."""
-
-    def __init__(self, in_channels: int, img_size, patch_size, hidden_size: int, mlp_dim: int, num_layers: int,
-                 num_heads: int):
-        super().__init__()
-        self.patch_embedding = _RefPatchEmbedding(in_channels, hidden_size, img_size, patch_size)
-        self.blocks = nn.ModuleList(_RefBlock(hidden_size, mlp_dim, num_heads) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(hidden_size)
-
-    def forward(self, x: torch.Tensor):
-        x = self.patch_embedding(x)
-        hidden = []
-        for blk in self.blocks:
-            x = blk(x)
-            hidden.append(x)
-        return self.norm(x), hidden
-
-
-def baseline_vit(size, enc_cfg, prefer_monai: bool = True) -> tuple[nn.Module, str, str | None]:
-    """MONAI's ViT of the encoder's size if monai imports, else RefViT; returns (model, name, why-not-monai)."""
-    kw = dict(in_channels=1, img_size=tuple(size), patch_size=tuple(enc_cfg.patch_size), hidden_size=enc_cfg.embed_dim,
-              mlp_dim=enc_cfg.mlp_dim, num_layers=enc_cfg.depth, num_heads=enc_cfg.num_heads)
-    why = "not tried (--no-monai)"
-    if prefer_monai:
-        try:
-            import monai
-            from monai.networks.nets import ViT
-
-            return ViT(classification=False, **kw), f"monai.networks.nets.ViT (monai {monai.__version__})", None
-        except Exception as exc:  # not installed on the GPU machine
-            why = f"{type(exc).__name__}: {exc}"
-    return RefViT(**kw), "RefViT: plain-PyTorch MONAI ViT (einsum attention, SDPA off)", why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,40 +377,6 @@ def worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # the parent: cache, torchrun child, encoder latency, table and JSON
 
-def encoder_latency(cfg: dict[str, Any], device: torch.device, prefer_monai: bool) -> dict[str, Any]:
-    from decipher_mr.models.vit3d import build_vision_encoder, precision_context
-
-    size = tuple(cfg["enc_size"])
-    torch.manual_seed(0)
-    ours = build_vision_encoder(cfg["enc_preset"]).to(device).eval()
-    base, base_name, why = baseline_vit(size, ours.config, prefer_monai)
-    base = base.to(device).eval()
-    x = torch.randn(1, 1, *size, device=device)
-    res: dict[str, Any] = {"input": [1, 1, *size], "encoder": cfg["enc_preset"], "baseline": base_name,
-                           "monai_available": why is None, "monai_missing_reason": why,
-                           "params_ours_m": sum(p.numel() for p in ours.parameters()) / 1e6,
-                           "params_baseline_m": sum(p.numel() for p in base.parameters()) / 1e6,
-                           "gflop": ours.flops(size) / 1e9, "reps": cfg["enc_reps"], "tf32": torch.backends.cuda.matmul.allow_tf32}
-    with torch.inference_mode():
-        # Each model in its own block, after its own warm-up (see bench_encoder.py).
-        for label, model in (("ours", ours), ("baseline", base)):
-            for prec in ("fp32", "bf16"):
-                with precision_context(device, prec):
-                    t = time_calls(lambda: model(x), cfg["enc_reps"], cfg["enc_warmup"], device)
-                res[f"{label}_{prec}_ms"] = statistics.median(t) * 1e3
-        ref = ours(x).patch_tokens.float()
-        with precision_context(device, "bf16"):
-            low = ours(x).patch_tokens.float()
-    res["cosine_ours_bf16_fp32"] = F.cosine_similarity(low.flatten(), ref.flatten(), dim=0).item()
-    res["speedup_bf16"] = res["baseline_bf16_ms"] / res["ours_bf16_ms"]
-    res["speedup_ours_bf16_vs_baseline_fp32"] = res["baseline_fp32_ms"] / res["ours_bf16_ms"]
-    res["speedup_fp32"] = res["baseline_fp32_ms"] / res["ours_fp32_ms"]
-    res["goal_speedup_bf16"] = GOAL_ENCODER_SPEEDUP
-    res["meets_goal"] = res["speedup_bf16"] >= GOAL_ENCODER_SPEEDUP
-    res["tflops_ours_bf16"] = ours.flops(size) / (res["ours_bf16_ms"] / 1e3) / 1e12
-    return res
-
-
 def run_child(args: argparse.Namespace, cache_dir: Path, work: Path, tok_dir: Path, timeout_s: float) -> tuple[dict, int, list[str]]:
     result = work / "child.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
@@ -628,43 +393,6 @@ def run_child(args: argparse.Namespace, cache_dir: Path, work: Path, tok_dir: Pa
         rc = 124
     data = json.loads(result.read_text(encoding="utf-8")) if result.exists() else {"errors": {"torchrun": f"child exited {rc} without a result"}}
     return data, rc, ["torchrun", "--standalone", "--nproc_per_node=1", "Testing/bench/gpu_bench.py", "--worker"]
-
-
-def fmt(v: Any, spec: str = ".3g") -> str:
-    return "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
-
-
-def print_table(r: dict[str, Any]) -> None:
-    s1, s2, enc = r.get("stage1") or {}, r.get("stage2") or {}, r.get("encoder") or {}
-    peak = (r.get("peak_bf16") or {}).get("tflops")
-    rows = [
-        ("bf16 GEMM peak (measured)", f"{fmt(peak, '.1f')} TFLOP/s", f"n={fmt((r.get('peak_bf16') or {}).get('n'))}", ""),
-        ("stage 1 step", f"{fmt(s1.get('step_s'), '.3f')} s", f"{fmt(s1.get('volumes_per_s'), '.2f')} volumes/s, batch {fmt(s1.get('batch_per_gpu'))}", ""),
-        ("stage 1 MFU", f"{fmt(s1.get('mfu'), '.1%')}", f"{fmt(s1.get('tflops'), '.1f')} TFLOP/s", f"goal >= {GOAL_MFU:.0%}: {_ok(s1.get('meets_goal'))}"),
-        ("stage 1 loader", f"{fmt(s1.get('loader_volumes_per_s'), '.2f')} volumes/s", f"{fmt(s1.get('loader_workers'))} workers", f"keeps up: {_ok(s1.get('loader_keeps_up'))}"),
-        ("stage 2 step", f"{fmt(s2.get('step_s'), '.3f')} s", f"{fmt(s2.get('pairs_per_s'), '.2f')} pairs/s, batch {fmt(s2.get('batch_per_gpu'))} in {fmt(s2.get('chunks'))} chunks", ""),
-        ("encoder ours bf16", f"{fmt(enc.get('ours_bf16_ms'), '.2f')} ms", f"fp32 {fmt(enc.get('ours_fp32_ms'), '.2f')} ms", f"cos(bf16,fp32) {fmt(enc.get('cosine_ours_bf16_fp32'), '.5f')}"),
-        ("encoder baseline bf16", f"{fmt(enc.get('baseline_bf16_ms'), '.2f')} ms", f"fp32 {fmt(enc.get('baseline_fp32_ms'), '.2f')} ms", str(enc.get("baseline", "-"))),
-        ("encoder speed-up bf16", f"{fmt(enc.get('speedup_bf16'), '.2f')}x", f"vs baseline fp32 {fmt(enc.get('speedup_ours_bf16_vs_baseline_fp32'), '.2f')}x",
-         f"goal >= {GOAL_ENCODER_SPEEDUP:.0f}x: {_ok(enc.get('meets_goal'))}"),
-        ("torchrun process group", str((r.get("process_group") or {}).get("backend", "-")),
-         f"world {fmt((r.get('process_group') or {}).get('world_size'))}, all_reduce ok {_ok((r.get('process_group') or {}).get('all_reduce_ok'))}",
-         f"trainer {_ok((r.get('trainer_smoke') or {}).get('ok'))}, align {_ok((r.get('align_smoke') or {}).get('ok'))}"),
-    ]
-    w = [max(len(row[i]) for row in rows) for i in range(4)]
-    print(f"\n== gpu_bench ({r['mode']}) on {r['device_name']}, torch {r['torch']}" +
-          ("   [CPU smoke: figures are meaningless]" if r["mode"] == "cpu-smoke" else ""))
-    for row in rows:
-        print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip())
-    if enc and not enc.get("monai_available"):
-        print(f"  MONAI not installed here ({enc.get('monai_missing_reason')}): MONAI comparison skipped, "
-              f"baseline = {enc.get('baseline')}")
-    for k, v in (r.get("errors") or {}).items():
-        print(f"  ERROR {k}: {v}")
-
-
-def _ok(v: Any) -> str:
-    return "-" if v is None else ("yes" if v else "NO")
 
 
 def main(argv: list[str] | None = None) -> int:
