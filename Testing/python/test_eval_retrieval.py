@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from brain_pairs import build_brain_pairs
 from decipher_mr.cli import main as cli_main
 from decipher_mr.data.cache import CacheItem
-from decipher_mr.eval.retrieval import partner_ranks, region_retrieval_top_k, retrieval_metrics
+from decipher_mr.eval.retrieval import (chance_recall, partner_ranks, region_retrieval_top_k, report_keys,
+                                         retrieval_metrics)
 from decipher_mr.eval.zero_shot import classify, lesion_task, roc_auc
 from decipher_mr.models.text import TextTower
 
@@ -26,6 +27,24 @@ def test_perfect_pairs_rank_first_and_constant_embeddings_rank_last():
     assert (partner_ranks(const @ const.T) == 12).all()  # ties never help the query
     assert retrieval_metrics(const, const)["image_to_report"]["R@10"] == 0.0
     assert m["chance"]["R@10"] == pytest.approx(10 / 12)
+
+
+def test_identical_reports_are_one_answer_and_chance_counts_them():
+    """Templated reports (the same normal report for many studies) are common: a twin of the own report
+    is a right answer, not a miss, and chance rises with the number of twins."""
+    keys = report_keys(["IMPRESSION: normal.", "IMPRESSION:  normal.", "IMPRESSION: normal.", "a", "b", "c"])
+    assert keys[0] == keys[1] == keys[2] and len(set(keys)) == 4
+    emb = torch.eye(6)[[0, 0, 0, 3, 4, 5]]  # each image matches its report exactly; the twins are one point
+    fair = retrieval_metrics(emb, emb, ks=(1,), keys=keys)
+    assert fair["image_to_report"]["R@1"] == 1.0 and fair["report_to_image"]["R@1"] == 1.0
+    assert fair["n"]["distinct_reports"] == 4
+    # without keys the twins tie with the own report and count against it
+    assert retrieval_metrics(emb, emb, ks=(1,))["image_to_report"]["R@1"] == 0.5
+    # a random ranking of 6 puts one of 3 twins first with p 1/2, a unique report with p 1/6
+    assert fair["chance"]["R@1"] == pytest.approx((3 * 0.5 + 3 / 6) / 6)
+    assert chance_recall(10, [3], 2) == pytest.approx(1 - 21 / 45)
+    const = F.normalize(torch.ones(6, 4), dim=-1)  # a constant model stays at or below chance
+    assert retrieval_metrics(const, const, ks=(1,), keys=keys)["image_to_report"]["R@1"] == 0.0
 
 
 def test_recall_at_k_counts_partner_within_k():

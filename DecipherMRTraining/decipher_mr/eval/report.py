@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from decipher_mr.data.cache import PreparedCache
-from decipher_mr.eval.retrieval import region_retrieval_top_k, retrieval_metrics
+from decipher_mr.eval.retrieval import region_retrieval_top_k, report_keys, retrieval_metrics
 from decipher_mr.eval.zero_shot import zero_shot_report
 from decipher_mr.models.clip import ImageTextModel
 from decipher_mr.storage import atomic_write_json, atomic_write_text
@@ -54,7 +54,7 @@ def evaluate_retrieval(model: ImageTextModel, cache: PreparedCache, split: str =
     return {
         "split": split,
         "n": len(indices),
-        "retrieval": retrieval_metrics(image, text),
+        "retrieval": retrieval_metrics(image, text, keys=report_keys([it.report for it in items])),
         "body_region_top3": region_retrieval_top_k(image, text, [it.body_region for it in items], k=3),
         "zero_shot": zero_shot_report(image, items, model.encode_reports),
         "image_view": image_cfg,

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from decipher_mr.data.manifest import read_manifest
-from decipher_mr.eval.retrieval import partner_ranks
+from decipher_mr.eval.retrieval import relevance, chance_rank, chance_recall, partner_ranks, report_keys
 from decipher_mr.eval.stats import TABLE_HEAD, estimate, mean_estimate, table_row
 from decipher_mr.eval.zero_shot import (LESION_PROMPTS, NORMAL_PROMPTS, class_embeddings, lesion_of, region_prompts,
                                         roc_auc, sequence_prompts)
@@ -101,18 +101,20 @@ def region_precision(sim: torch.Tensor, regions: Sequence[str], k: int, groups: 
     return mean_estimate(per_query, groups, chance=chance)
 
 
-def within_region_recall(sim: torch.Tensor, regions: Sequence[str], k: int, groups: Sequence[Any]) -> dict[str, Any]:
+def within_region_recall(sim: torch.Tensor, regions: Sequence[str], k: int, groups: Sequence[Any],
+                         keys: Sequence[Any] | None = None) -> dict[str, Any]:
     """Image→report R@k among the reports of the query's own body region only (findings, sides and sequences
-    must separate them; the region does not help); chance: the mean of min(1, k / reports of that region)."""
+    must separate them; the region does not help); an identical report text counts as the query's own
+    (``keys``); chance: a random ranking of that region's reports."""
     labels = np.array([r or "unknown" for r in regions])
+    rel = relevance(len(labels), keys)
     hits, chances = [], []
     for i, lab in enumerate(labels):
         same = np.flatnonzero(labels == lab)
-        row = sim[i, same]
-        own = float(sim[i, i])
-        rank = int((row > own).sum() + (row == own).sum() - 1) + 1
+        row, ok = sim[i, same].float().numpy(), rel[i, same]
+        rank = int(((row >= row[ok].max()) & ~ok).sum()) + 1  # ties with a wrong report count against
         hits.append(float(rank <= k))
-        chances.append(min(1.0, k / len(same)))
+        chances.append(chance_recall(len(same), [int(ok.sum())], k))
     return mean_estimate(hits, groups, chance=float(np.mean(chances)))
 
 
@@ -154,15 +156,18 @@ def evaluate_served(session, manifest: str | Path, split: str = "test", index: s
     out: dict[str, Any] = {"split": split, "n": n, "studies": len(set(groups)), "problems": problems,
                            "image_view": getattr(session.model, "image_view", None), "figures": {}}
     figs = out["figures"]
+    keys = report_keys(texts)  # identical report texts are the same answer
+    correct = relevance(n, keys).sum(1)
+    out["distinct_reports"] = len(set(keys))
     for name, s in (("image→report", sim), ("report→image", sim.T)):
-        ranks = partner_ranks(s)
+        ranks = partner_ranks(s, keys)
         for k in KS:
-            figs[f"{name} R@{k}"] = mean_estimate((ranks <= k).astype(float), groups, chance=min(1.0, k / n))
+            figs[f"{name} R@{k}"] = mean_estimate((ranks <= k).astype(float), groups, chance=chance_recall(n, correct, k))
         figs[f"{name} median rank"] = estimate(lambda idx, r=ranks: float(np.median(r[idx])), groups,
-                                               chance=(n + 1) / 2, higher_is_better=False)
+                                               chance=chance_rank(n, correct), higher_is_better=False)
     regions = [r.body_region for r in kept]
     figs["volume→report body-region precision@5 (split)"] = region_precision(sim, regions, 5, groups)
-    figs["image→report R@5 within the body region"] = within_region_recall(sim, regions, 5, groups)
+    figs["image→report R@5 within the body region"] = within_region_recall(sim, regions, 5, groups, keys)
     encode = session.embed_text
     names = sorted({r for r in regions if r})
     figs["zero-shot body region (balanced accuracy)"] = zero_shot_class(
@@ -180,7 +185,9 @@ def evaluate_served(session, manifest: str | Path, split: str = "test", index: s
 def markdown(result: dict[str, Any], title: str = "Retrieval and zero-shot, through the served path") -> str:
     """The figures as one table (numbers only, never report text)."""
     lines = [f"# {title}", "", f"Split `{result['split']}`: {result['n']} image–report pairs from {result['studies']} "
-             f"studies; image view {result.get('image_view')}. Intervals: 95% bootstrap by study.", "", *TABLE_HEAD]
+             f"studies ({result.get('distinct_reports', result['n'])} distinct report texts: identical texts count as "
+             f"the same answer); image view {result.get('image_view')}. Intervals: 95% bootstrap by study.", "",
+             *TABLE_HEAD]
     for name, e in result["figures"].items():
         if "skipped" in e:
             lines.append(f"| {name} | skipped: {e['skipped']} | | | |")
