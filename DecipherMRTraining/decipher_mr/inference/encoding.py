@@ -121,7 +121,6 @@ class EncodedVolume:
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     windows: int = 1
     encode_seconds: float = 0.0
-    image_embedding: torch.Tensor | None = None
 
     def output(self, grid_slice: tuple[slice, ...] | None = None):
         """An :class:`~decipher_mr.models.vit3d.EncoderOutput` (batch of one) for the whole grid or a

@@ -37,7 +37,7 @@ from .runtime import as_volume, bundle_fingerprint, file_key, resolve_device, si
 
 MAX_QUERY_CHARS = 1000
 TEXT_CACHE_SIZE = 512
-VIEW_CACHE_SIZE = 256  # image-view embeddings (2 KiB each) of volumes not densely encoded
+IMAGE_EMBEDDINGS_KEPT = 256  # by content key, 2 KiB each: they outlive the (large) dense encodings
 
 
 class Session:
@@ -66,7 +66,7 @@ class Session:
         self.cache = TokenCache(max_items=cache_items)
         self._file_keys: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size, inode) -> content key
         self._text_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._views: OrderedDict[str, torch.Tensor] = OrderedDict()  # content key -> image-view embedding
+        self._image_embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()  # content key -> embedding
         self._text_towers: dict[str, Any] = {}
         self.stats = {"encoder_passes": 0, "encode_cache_hits": 0, "view_passes": 0,
                       "text_passes": 0, "text_cache_hits": 0}
@@ -116,7 +116,10 @@ class Session:
         if hit is not None:  # the same voxels (an unchanged file is not even read again)
             self.stats["encode_cache_hits"] += 1
             return hit
-        vol = vol if vol is not None else as_volume(volume)
+        return self._encode(key, vol if vol is not None else as_volume(volume), progress)
+
+    def _encode(self, key: str, vol: Volume, progress: ProgressFn | None) -> EncodedVolume:
+        """The dense (sliding-window) encoding of a volume whose content key is ``key``, cached."""
         if progress is not None:
             progress("preprocess", 0.0)
         prepared, record = preprocess_volume(vol, self.bundle.preprocess)
@@ -128,8 +131,7 @@ class Session:
         source = Volume(np.broadcast_to(np.zeros((), np.uint8), vol.shape), vol.spacing, vol.origin, vol.direction,
                         vol.path)
         enc = EncodedVolume(key=key, prepared=prepared, record=record, source=source, cls=cls, patch_tokens=tokens,
-                            grid=grid, layers=layers, windows=windows, encode_seconds=time.perf_counter() - t0,
-                            image_embedding=self._views.get(key))
+                            grid=grid, layers=layers, windows=windows, encode_seconds=time.perf_counter() - t0)
         self.cache.put(enc)
         if progress is not None:
             progress("encode", 1.0)
@@ -146,47 +148,40 @@ class Session:
         torch.Size([512])
         """
         model = self._aligned("image embeddings")
-        view = getattr(model, "image_view", None)
         if isinstance(volume, EncodedVolume):
-            enc = volume
-        elif view:  # the view needs the prepared array only: no dense pass unless one is cached already
+            key, enc, vol = volume.key, volume, None
+        else:
             key, vol = self._content_key(volume)
             enc = self.cache.get(key)
-            if enc is None:
-                if key not in self._views:
-                    if progress is not None:
-                        progress("preprocess", 0.0)
-                    prepared, record = preprocess_volume(vol if vol is not None else as_volume(volume),
-                                                         self.bundle.preprocess)
-                    self._remember_view(key, self._view_embedding(prepared, record.grid_spacing, view,
-                                                                  model.encode_image))
-                    if progress is not None:
-                        progress("encode", 1.0)
-                self._views.move_to_end(key)
-                return self._views[key]
-            self.stats["encode_cache_hits"] += 1
-        else:
-            enc = self.encode(volume, progress)
-        if enc.image_embedding is None:
-            if view:
-                enc.image_embedding = self._view_embedding(enc.prepared, enc.record.grid_spacing, view,
-                                                           model.encode_image)
-                self._remember_view(enc.key, enc.image_embedding)
-            else:
+            if enc is not None:
+                self.stats["encode_cache_hits"] += 1
+        if key not in self._image_embeddings:
+            view = getattr(model, "image_view", None)
+            if not view:  # older bundles: the dense tokens, pooled
+                enc = enc or self._encode(key, vol if vol is not None else as_volume(volume), progress)
                 with torch.inference_mode():
                     pooled = torch.cat([enc.cls, enc.patch_tokens.mean(0)])[None].to(self.device)
-                    enc.image_embedding = model.project_image(pooled)[0].float().cpu()
-        return enc.image_embedding
+                    vec = model.project_image(pooled)[0].float().cpu()
+            elif enc is not None:
+                vec = self._view_embedding(enc.prepared, enc.record.grid_spacing, view, model.encode_image)
+            else:  # the view needs the prepared array only: no dense pass
+                if progress is not None:
+                    progress("preprocess", 0.0)
+                prepared, record = preprocess_volume(vol if vol is not None else as_volume(volume),
+                                                     self.bundle.preprocess)
+                vec = self._view_embedding(prepared, record.grid_spacing, view, model.encode_image)
+                if progress is not None:
+                    progress("encode", 1.0)
+            self._image_embeddings[key] = vec
+            while len(self._image_embeddings) > IMAGE_EMBEDDINGS_KEPT:
+                self._image_embeddings.popitem(last=False)
+        self._image_embeddings.move_to_end(key)
+        return self._image_embeddings[key]
 
     def clear_cache(self) -> None:
         """Forget every encoded volume and image embedding (text embeddings stay)."""
         self.cache.clear()
-        self._views.clear()
-
-    def _remember_view(self, key: str, embedding: torch.Tensor) -> None:
-        self._views[key] = embedding
-        while len(self._views) > VIEW_CACHE_SIZE:
-            self._views.popitem(last=False)
+        self._image_embeddings.clear()
 
     def _content_key(self, volume: Volume | str | os.PathLike) -> tuple[str, Volume | None]:
         """The content hash of a volume, and the volume if it had to be read (``None`` when the same

@@ -149,8 +149,9 @@ def feature_statistics(model: ImageTextModel, cache, train_idx: Sequence[int], i
                        device: torch.device, limit: int = STATISTICS_ITEMS) -> None:
     """Set the model's feature centre and scale from (up to ``limit``, evenly spread) training items, in fp32:
     the deterministic image views and the reports' pooled text features. Every rank computes the same."""
-    pick = list(train_idx)[:: max(1, -(-len(train_idx) // limit))][:limit]
-    positions = [list(train_idx).index(i) for i in pick]
+    train_idx = list(train_idx)
+    positions = list(range(0, len(train_idx), max(1, -(-len(train_idx) // limit))))[:limit]
+    pick = [train_idx[p] for p in positions]
     was_training = model.training
     model.eval()
     pooled = [model.image_pooled(image_batch(cache, pick[s : s + 8], image_cfg, None).to(device)).float()
